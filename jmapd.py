@@ -1,0 +1,2825 @@
+#!/usr/bin/env python3
+"""jmapd -- a personal JMAP server (RFC 8620, RFC 8621) in one file.
+
+One person's (or one family's) mail, reached from any JMAP client, served from a
+small machine such as a Raspberry Pi. Storage is SQLite (WAL) plus a content-addressed
+blob directory; passwords are argon2id hashes; the server binds to 127.0.0.1 unless told
+otherwise and expects TLS to be terminated by a reverse proxy in front of it.
+
+Usage:
+    python3 jmapd.py serve                      # start on 127.0.0.1:8080, data in ./jmapd-data
+    python3 -m pytest -q tests                  # run the tests
+
+INDEX
+    1   Docstring, imports, compatibility
+    1.2 Compatibility shims
+    2   Constants and utilities
+    2.1 Capabilities and limits
+    2.2 Ids, clock, dates, JSON, JSON Pointer
+    2.3 Logging
+    3   Configuration
+    4   Storage
+    4.1 Database and pragmas
+    4.2 Models
+    4.3 Migrations
+    4.5 Change log and state
+    5   Auth and the session resource
+    6   JMAP core
+    6.1 Errors
+    6.2 Request engine and result references
+    6.3 Generic type machine
+    6.4 Core/echo
+    6.5 Change bus
+    7   Mail
+    7.2 Mailbox
+    13  HTTP routes
+    14  CLI commands and main
+
+IMPLEMENTATION NOTES
+1. Only section 4 opens the database. Other sections use the models and
+   record_change().
+2. Every JMAP-visible mutation calls record_change(log, type_name, row, kind). Rows carry
+   created_modseq, updated_modseq and destroyed. A type's state is the highest modseq
+   touching it (type_state table). Tombstones below purged_below are gone, so /changes
+   answers cannotCalculateChanges.
+3. Commit, then notify the change bus, then acknowledge. Never hold a write transaction
+   across network I/O or an openssl call.
+4. One method call is one transaction (BEGIN IMMEDIATE when the method writes); each
+   record of a /set runs in a savepoint so a SetError undoes only its own record.
+5. Migrations are ordered, named functions, each run in one transaction with its version
+   record. Never edit one that has been applied.
+6. Times are stored as UTC (integer seconds since the epoch).
+7. Every query is scoped by account. Every client-controlled count, size and depth has a
+   named limit in 2.1 or OPTIONS.
+"""
+
+__version__ = "0.1.0"
+
+# =============================================================================
+# 1 DOCSTRING, IMPORTS, COMPATIBILITY
+#   Standard library first, then the four runtime dependencies. Nothing heavy is
+#   imported at start-up that a request does not need.
+# =============================================================================
+
+import argparse
+import base64
+import dataclasses
+import functools
+import getpass
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import argon2
+import bottle
+import peewee
+import waitress
+
+# =============================================================================
+# 1.2 COMPATIBILITY SHIMS
+#     bottle 0.12/0.13, peewee 3.14/4.x, waitress 2.1/3.x, argon2-cffi 21/25.
+#     Each shim names the versions it serves; the rest of the file calls it by one name.
+# =============================================================================
+
+
+def argon2_hasher(time_cost: int, memory_kib: int, parallelism: int) -> argon2.PasswordHasher:
+    """Build an argon2id hasher with pinned parameters.
+
+    argon2-cffi 21 and 25 have different defaults (and 21 lacks `profiles`), so every
+    parameter is given explicitly; the keyword names are the same in both versions.
+    """
+    return argon2.PasswordHasher(
+        time_cost=time_cost,
+        memory_cost=memory_kib,
+        parallelism=parallelism,
+        hash_len=32,
+        salt_len=16,
+        type=argon2.Type.ID,
+    )
+
+
+def waitress_serve(app, *, sockets: list, threads: int, on_server=None) -> None:
+    """Run waitress on already-bound sockets (waitress 2.1 and 3.x both take `sockets`)."""
+    server = waitress.create_server(
+        app,
+        sockets=sockets,
+        threads=threads,
+        ident="jmapd",
+        clear_untrusted_proxy_headers=True,
+        channel_timeout=300,
+    )
+    if on_server:
+        on_server(server)
+    server.run()
+
+
+# =============================================================================
+# 2 CONSTANTS AND UTILITIES
+# =============================================================================
+
+# =============================================================================
+# 2.1 CAPABILITIES AND LIMITS
+#     Capability URIs, the core limits advertised in the session (RFC 8620 §2) and
+#     the server's own bounds on client-controlled sizes.
+# =============================================================================
+
+CAP_CORE = "urn:ietf:params:jmap:core"
+CAP_MAIL = "urn:ietf:params:jmap:mail"
+
+PROBLEM_PREFIX = "urn:ietf:params:jmap:error:"
+
+MAX_SIZE_MAILBOX_NAME = 255  # RFC 8621 §1.3.1: at least 100 octets
+MAX_MAILBOX_DEPTH = 10
+MAX_ID_LENGTH = 255  # RFC 8620 §1.2
+MAX_INT = 2**53 - 1  # RFC 8620 §1.3
+MAX_SORT_ORDER = 2**31 - 1  # RFC 8621 §2: sortOrder < 2^31
+MAX_FILTER_DEPTH = 10
+MAX_FILTER_CONDITIONS = 100
+MAX_SORT_COMPARATORS = 10
+MAX_QUERY_LIMIT = 5000  # /query results per call; a larger limit is clamped (RFC 8620 §5.5)
+MAX_RESULT_REFERENCE_DEPTH = 32
+CHANGES_HORIZON_DAYS_MIN = 30  # RFC 8620 §5.2 via the checklist: states up to 30 days old
+AUTH_CACHE_SECONDS = 120
+COLLATIONS = ("i;unicode-casemap", "i;ascii-casemap", "i;octet")
+
+# IANA "IMAP Mailbox Name Attributes" that are roles (RFC 8621 §2, RFC 8457).
+MAILBOX_ROLES = frozenset(
+    "all archive drafts flagged important inbox junk sent subscribed trash snoozed "
+    "scheduled memos".split()
+)
+DEFAULT_MAILBOXES = (
+    ("Inbox", "inbox", 1),
+    ("Drafts", "drafts", 2),
+    ("Sent", "sent", 3),
+    ("Archive", "archive", 4),
+    ("Junk", "junk", 5),
+    ("Trash", "trash", 6),
+)
+
+
+@dataclass(frozen=True)
+class CoreLimits:
+    """The core capability's limits (RFC 8620 §2), advertised and enforced once in 6.2."""
+
+    max_size_upload: int
+    max_concurrent_upload: int
+    max_size_request: int
+    max_concurrent_requests: int
+    max_calls_in_request: int
+    max_objects_in_get: int
+    max_objects_in_set: int
+
+    def as_capability(self) -> dict:
+        return {
+            "maxSizeUpload": self.max_size_upload,
+            "maxConcurrentUpload": self.max_concurrent_upload,
+            "maxSizeRequest": self.max_size_request,
+            "maxConcurrentRequests": self.max_concurrent_requests,
+            "maxCallsInRequest": self.max_calls_in_request,
+            "maxObjectsInGet": self.max_objects_in_get,
+            "maxObjectsInSet": self.max_objects_in_set,
+            "collationAlgorithms": list(COLLATIONS),
+        }
+
+
+# =============================================================================
+# 2.2 IDS, CLOCK, DATES, JSON, JSON POINTER
+#     Small pure helpers used everywhere. JMAP Ids are strings (`id`), database
+#     keys are ints (`pk`); id_for()/pk_from_id() are the only bridge.
+# =============================================================================
+
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # RFC 8620 §1.2
+
+
+def is_valid_id(value) -> bool:
+    """Tell whether a value is a syntactically valid JMAP Id (RFC 8620 §1.2)."""
+    return isinstance(value, str) and bool(ID_RE.match(value))
+
+
+def id_for(prefix: str, pk: int) -> str:
+    """Make the JMAP Id of a database row: a type letter and the row's key."""
+    return f"{prefix}{pk}"
+
+
+def pk_from_id(prefix: str, raw_id) -> int | None:
+    """Return the database key named by a JMAP Id, or None if it is not one of ours."""
+    if not isinstance(raw_id, str) or not raw_id.startswith(prefix):
+        return None
+    digits = raw_id[len(prefix) :]
+    if not digits.isdigit() or digits.startswith("0") or len(digits) > 18:
+        return None
+    return int(digits)
+
+
+class Clock:
+    """Tell the time; a fixed clock (hidden --test-now option) makes tests repeatable."""
+
+    def __init__(self, fixed: float | None = None):
+        self.fixed = fixed
+
+    def now(self) -> float:
+        return self.fixed if self.fixed is not None else time.time()
+
+
+def utc_date(ts: float) -> str:
+    """Format seconds since the epoch as an RFC 8620 §1.4 UTCDate (no fraction if zero)."""
+    return datetime.fromtimestamp(int(ts), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc_date(value: str) -> float:
+    """Parse an RFC 3339 date-time with a `Z` offset; raise ValueError otherwise."""
+    if not isinstance(value, str) or not value.endswith("Z") or "t" in value or "z" in value[:-1]:
+        raise ValueError("not a UTCDate")
+    parsed = datetime.fromisoformat(value[:-1] + "+00:00")
+    return parsed.timestamp()
+
+
+def json_dumps(obj) -> str:
+    """Serialise a response: compact, UTF-8 kept as is."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class NotIJson(ValueError):
+    """The text is not I-JSON (RFC 7493): bad syntax, duplicate names, NaN, bad UTF-8."""
+
+
+def _no_duplicate_names(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise NotIJson(f"duplicate member name {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _no_constants(name):
+    raise NotIJson(f"{name} is not JSON")
+
+
+def parse_ijson(raw: bytes):
+    """Parse a request body as I-JSON (RFC 8620 §1.5); raise NotIJson."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotIJson("body is not UTF-8") from exc
+    if text.startswith("\ufeff"):
+        raise NotIJson("byte order mark")
+    try:
+        return json.loads(
+            text, object_pairs_hook=_no_duplicate_names, parse_constant=_no_constants
+        )
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise NotIJson(str(exc)) from exc
+
+
+def pointer_tokens(path: str) -> list[str]:
+    """Split a JSON Pointer (RFC 6901) into unescaped tokens; raise ValueError."""
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise ValueError("a JSON Pointer starts with /")
+    tokens = []
+    for raw in path[1:].split("/"):
+        if re.search(r"~(?![01])", raw):
+            raise ValueError(f"bad escape in {raw!r}")
+        tokens.append(raw.replace("~1", "/").replace("~0", "~"))
+    return tokens
+
+
+def pointer_evaluate(value, tokens: list[str]):
+    """Evaluate a JSON Pointer with JMAP's `*` rule (RFC 8620 §3.7); raise ValueError.
+
+    `*` on an array maps the rest of the pointer over each item; items that are
+    themselves arrays are flattened into the result.
+    """
+    for index, token in enumerate(tokens):
+        if isinstance(value, list):
+            if token == "*":
+                rest = tokens[index + 1 :]
+                out = []
+                for item in value:
+                    found = pointer_evaluate(item, rest)
+                    out.extend(found if isinstance(found, list) else [found])
+                return out
+            if not re.fullmatch(r"0|[1-9][0-9]*", token) or int(token) >= len(value):
+                raise ValueError(f"no item {token!r} in array")
+            value = value[int(token)]
+        elif isinstance(value, dict):
+            if token not in value:
+                raise ValueError(f"no member {token!r}")
+            value = value[token]
+        else:
+            raise ValueError(f"cannot descend into a {type(value).__name__}")
+    return value
+
+
+def octets(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def is_net_unicode(text: str) -> bool:
+    """Tell whether text has no control characters (RFC 5198 Net-Unicode, less NFC)."""
+    return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+
+
+# =============================================================================
+# 2.3 LOGGING
+#     One "jmapd" logger with a child per section. Under systemd (JOURNAL_STREAM set)
+#     the journal stamps the time, so the format drops it.
+# =============================================================================
+
+log = logging.getLogger("jmapd")
+
+
+def logging_setup(level: str) -> None:
+    """Configure the root jmapd logger once for a process."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+# =============================================================================
+# 3 CONFIGURATION
+#   One OPTIONS table drives argparse, --help and the README's option table.
+#   Converters raise ValueError("why"). The result is a frozen Config passed down.
+#   Hidden options are test-only knobs (cheap argon2, a fixed clock).
+# =============================================================================
+
+
+class ConfigError(Exception):
+    """A configuration that cannot work; main() prints it on one line and exits 2."""
+
+
+def conv_listen(text: str) -> tuple[str, int]:
+    """Parse HOST:PORT, with IPv6 literals in brackets ([::1]:8080)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ValueError(f"expected HOST:PORT or [IPv6]:PORT, got {text!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def conv_positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def conv_url(text: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError("expected an absolute http(s) URL")
+    return text.rstrip("/")
+
+
+def conv_horizon(text: str) -> int:
+    value = int(text)
+    if value < CHANGES_HORIZON_DAYS_MIN:
+        raise ValueError(f"must be at least {CHANGES_HORIZON_DAYS_MIN} days (RFC 8620 §5.2)")
+    return value
+
+
+def conv_test_now(text: str) -> float:
+    return parse_utc_date(text)
+
+
+def conv_level(text: str) -> str:
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("one of debug, info, warning, error")
+    return text.upper()
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One command-line option: its flag, default, converter and help."""
+
+    flag: str
+    default: Any
+    conv: Callable | None
+    help: str
+    commands: tuple = ("serve",)
+    secret: bool = False
+    hidden: bool = False
+    action: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+GLOBAL = "*"  # an option every command takes, before or after the subcommand
+
+OPTIONS = (
+    Opt("--data-dir", "./jmapd-data", str, "directory holding the database and blobs", (GLOBAL,)),
+    Opt("--log-level", "INFO", conv_level, "debug, info, warning or error", (GLOBAL,)),
+    Opt("--listen", "127.0.0.1:8080", conv_listen, "HOST:PORT to serve HTTP on ([::1]:8080)"),
+    Opt("--public-url", None, conv_url, "external base URL (https://mail.example.com)"),
+    Opt("--threads", 8, conv_positive, "waitress worker threads"),
+    Opt("--max-size-upload", 50_000_000, conv_positive, "maxSizeUpload in octets"),
+    Opt("--max-concurrent-upload", 4, conv_positive, "maxConcurrentUpload"),
+    Opt("--max-size-request", 10_000_000, conv_positive, "maxSizeRequest in octets"),
+    Opt("--max-concurrent-requests", 4, conv_positive, "maxConcurrentRequests per user"),
+    Opt("--max-calls-in-request", 16, conv_positive, "maxCallsInRequest"),
+    Opt("--max-objects-in-get", 500, conv_positive, "maxObjectsInGet"),
+    Opt("--max-objects-in-set", 500, conv_positive, "maxObjectsInSet"),
+    Opt("--changes-horizon-days", 60, conv_horizon, "keep destroyed-record tombstones this long"),
+    Opt("--password-stdin", False, None, "read the password from stdin",
+        ("user add", "user passwd"), action="store_true"),
+    Opt("--purge", False, None, "delete the account even if it holds data",
+        ("user del",), action="store_true"),
+    Opt("--test-cheap-hashing", False, None, argparse.SUPPRESS, (GLOBAL,), hidden=True,
+        action="store_true"),
+    Opt("--test-now", None, conv_test_now, argparse.SUPPRESS, (GLOBAL,), hidden=True),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration of one process, built once from the command line."""
+
+    command: str
+    data_dir: str
+    log_level: str = "INFO"
+    listen: tuple = ("127.0.0.1", 8080)
+    public_url: str | None = None
+    threads: int = 8
+    max_size_upload: int = 50_000_000
+    max_concurrent_upload: int = 4
+    max_size_request: int = 10_000_000
+    max_concurrent_requests: int = 4
+    max_calls_in_request: int = 16
+    max_objects_in_get: int = 500
+    max_objects_in_set: int = 500
+    changes_horizon_days: int = 60
+    password_stdin: bool = False
+    purge: bool = False
+    test_cheap_hashing: bool = False
+    test_now: float | None = None
+    username: str | None = None
+
+    @property
+    def limits(self) -> CoreLimits:
+        return CoreLimits(
+            self.max_size_upload,
+            self.max_concurrent_upload,
+            self.max_size_request,
+            self.max_concurrent_requests,
+            self.max_calls_in_request,
+            self.max_objects_in_get,
+            self.max_objects_in_set,
+        )
+
+    def masked(self) -> dict:
+        secret = {opt.dest for opt in OPTIONS if opt.secret}
+        return {k: ("***" if k in secret else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _typed(opt: Opt) -> Callable:
+    """Wrap a converter so argparse reports its ValueError text."""
+
+    def convert(text):
+        try:
+            return opt.conv(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{opt.flag}: {exc}") from exc
+
+    convert.__name__ = opt.dest
+    return convert
+
+
+def _add_options(parser: argparse.ArgumentParser, command: str, top: bool) -> None:
+    for opt in OPTIONS:
+        if GLOBAL in opt.commands:
+            # The subparser copy must not overwrite a value given before the subcommand.
+            default = opt.default if top else argparse.SUPPRESS
+        elif command in opt.commands and not top:
+            default = opt.default
+        else:
+            continue
+        kwargs = {"default": default, "help": opt.help, "dest": opt.dest}
+        if opt.action:
+            kwargs["action"] = opt.action
+        elif opt.conv:
+            kwargs["type"] = _typed(opt)
+        parser.add_argument(opt.flag, **kwargs)
+
+
+def cfg_parser() -> argparse.ArgumentParser:
+    """Build the argparse parser for every command from OPTIONS."""
+    parser = argparse.ArgumentParser(
+        prog="jmapd.py", description="A personal JMAP server (RFC 8620, RFC 8621)."
+    )
+    parser.add_argument("--version", action="version", version=f"jmapd {__version__}")
+    _add_options(parser, "", top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser("serve", help="run the server")
+    _add_options(serve, "serve", top=False)
+    user = commands.add_parser("user", help="manage users")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    for action, text in (
+        ("add", "create a user (the username is an e-mail address)"),
+        ("passwd", "change a user's password"),
+        ("del", "delete a user and their data"),
+        ("list", "list users"),
+    ):
+        sub = user_commands.add_parser(action, help=text)
+        if action != "list":
+            sub.add_argument("username", metavar="ADDRESS")
+        _add_options(sub, f"user {action}", top=False)
+    return parser
+
+
+def cfg_from_args(argv: list[str]) -> Config:
+    """Parse the command line into a Config (argparse exits 2 on a bad option)."""
+    ns = cfg_parser().parse_args(argv)
+    command = ns.command
+    if command == "user":
+        command = f"user {ns.user_command}"
+    known = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in vars(ns).items() if k in known and k != "command"}
+    return Config(command=command, **values)
+
+
+# =============================================================================
+# 4 STORAGE
+#   peewee over one SQLite file in WAL mode. Tables are made by migrations (raw DDL,
+#   never edited once applied); the models below map onto them.
+# =============================================================================
+
+# =============================================================================
+# 4.1 DATABASE AND PRAGMAS
+#     db_open() is the one way to a database: WAL, synchronous=FULL (anything that
+#     acknowledges mail must survive a crash), foreign keys, a busy timeout, and
+#     the collations /query sorts with.
+# =============================================================================
+
+DB_FILE = "jmapd.sqlite3"
+db = peewee.DatabaseProxy()
+BUSY_TIMEOUT_MS = 10_000
+
+
+class DataDirMissing(Exception):
+    """The data directory does not exist and this command may not create it."""
+
+
+def _collate_unicode_casemap(a: str, b: str) -> int:
+    # RFC 5051 i;unicode-casemap, approximated by NFKD + casefold.
+    ka = unicodedata.normalize("NFKD", a).casefold()
+    kb = unicodedata.normalize("NFKD", b).casefold()
+    return (ka > kb) - (ka < kb)
+
+
+def _collate_ascii_casemap(a: str, b: str) -> int:
+    ka = a.translate(_ASCII_LOWER)
+    kb = b.translate(_ASCII_LOWER)
+    return (ka > kb) - (ka < kb)
+
+
+def _collate_octet(a: str, b: str) -> int:
+    ka, kb = a.encode("utf-8"), b.encode("utf-8")
+    return (ka > kb) - (ka < kb)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+SQL_COLLATION = {
+    "i;unicode-casemap": "JMAP_UNICODE_CASEMAP",
+    "i;ascii-casemap": "JMAP_ASCII_CASEMAP",
+    "i;octet": "JMAP_OCTET",
+}
+
+
+def _sql_casefold(text):
+    return None if text is None else unicodedata.normalize("NFKD", text).casefold()
+
+
+def db_path(data_dir: str) -> str:
+    return os.path.join(data_dir, DB_FILE)
+
+
+def db_open(data_dir: str, create: bool) -> peewee.SqliteDatabase:
+    """Open (and with create=True make) the data directory's database, migrated to date."""
+    if not os.path.isdir(data_dir):
+        if not create:
+            raise DataDirMissing(
+                f"data directory {data_dir!r} does not exist "
+                "(create it with 'jmapd.py user add' or 'jmapd.py serve')"
+            )
+        os.makedirs(data_dir, mode=0o750, exist_ok=True)
+    database = peewee.SqliteDatabase(
+        db_path(data_dir),
+        pragmas={
+            "journal_mode": "wal",
+            "synchronous": 2,  # FULL
+            "foreign_keys": 1,
+            "busy_timeout": BUSY_TIMEOUT_MS,
+            "cache_size": -8000,
+        },
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        check_same_thread=False,
+    )
+    database.register_collation(_collate_unicode_casemap, SQL_COLLATION["i;unicode-casemap"])
+    database.register_collation(_collate_ascii_casemap, SQL_COLLATION["i;ascii-casemap"])
+    database.register_collation(_collate_octet, SQL_COLLATION["i;octet"])
+    database.register_function(_sql_casefold, "jmap_casefold", 1)
+    db.initialize(database)
+    database.connect(reuse_if_open=True)
+    db_migrate(database)
+    return database
+
+
+def db_data_version(database) -> int:
+    """Return SQLite's data_version: it changes when another connection commits."""
+    return database.execute_sql("PRAGMA data_version").fetchone()[0]
+
+
+# =============================================================================
+# 4.2 MODELS
+#     Plain columns, no peewee foreign-key magic: keys are ints named *_pk.
+#     Every JMAP object table carries created_modseq, updated_modseq, destroyed.
+# =============================================================================
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Account(BaseModel):
+    """A user and the account of the same name (one login, one mail account)."""
+
+    pk = peewee.AutoField()
+    username = peewee.TextField(unique=True)
+    password_hash = peewee.TextField()
+    created_at = peewee.IntegerField()
+    modseq = peewee.IntegerField(default=0)
+
+    @property
+    def id(self) -> str:
+        return id_for("A", self.pk)
+
+
+class TypeState(BaseModel):
+    """The state of one JMAP type in one account: its highest modseq (RFC 8620 §5.1)."""
+
+    account_pk = peewee.IntegerField()
+    type_name = peewee.TextField()
+    modseq = peewee.IntegerField(default=0)
+    purged_below = peewee.IntegerField(default=0)
+
+    class Meta:
+        table_name = "type_state"
+        primary_key = peewee.CompositeKey("account_pk", "type_name")
+
+
+class JmapRow(BaseModel):
+    """Columns every JMAP object table has: the account and the change-log columns."""
+
+    pk = peewee.AutoField()
+    account_pk = peewee.IntegerField()
+    created_modseq = peewee.IntegerField(default=0)
+    updated_modseq = peewee.IntegerField(default=0)
+    destroyed = peewee.BooleanField(default=False)
+    destroyed_at = peewee.IntegerField(null=True)
+
+
+class Mailbox(JmapRow):
+    name = peewee.TextField()
+    parent_pk = peewee.IntegerField(null=True)
+    role = peewee.TextField(null=True)
+    sort_order = peewee.IntegerField(default=0)
+    is_subscribed = peewee.BooleanField(default=True)
+    total_emails = peewee.IntegerField(default=0)
+    unread_emails = peewee.IntegerField(default=0)
+    total_threads = peewee.IntegerField(default=0)
+    unread_threads = peewee.IntegerField(default=0)
+    counts_modseq = peewee.IntegerField(default=0)
+
+
+# =============================================================================
+# 4.3 MIGRATIONS
+#     Ordered, named functions, each run in one transaction with its version row.
+#     A database newer than this code is refused rather than guessed at.
+# =============================================================================
+
+
+def _migration_1_initial(database) -> None:
+    for statement in (
+        """CREATE TABLE account (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            username TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            modseq INTEGER NOT NULL DEFAULT 0)""",
+        """CREATE TABLE type_state (
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            type_name TEXT NOT NULL,
+            modseq INTEGER NOT NULL DEFAULT 0,
+            purged_below INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (account_pk, type_name)) WITHOUT ROWID""",
+        """CREATE TABLE mailbox (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            parent_pk INTEGER,
+            role TEXT,
+            sort_order INTEGER NOT NULL DEFAULT 0,
+            is_subscribed INTEGER NOT NULL DEFAULT 1,
+            total_emails INTEGER NOT NULL DEFAULT 0,
+            unread_emails INTEGER NOT NULL DEFAULT 0,
+            total_threads INTEGER NOT NULL DEFAULT 0,
+            unread_threads INTEGER NOT NULL DEFAULT 0,
+            counts_modseq INTEGER NOT NULL DEFAULT 0,
+            created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER)""",
+        "CREATE INDEX mailbox_changes ON mailbox(account_pk, updated_modseq)",
+        "CREATE INDEX mailbox_parent ON mailbox(account_pk, parent_pk) WHERE destroyed = 0",
+    ):
+        database.execute_sql(statement)
+
+
+MIGRATIONS = ((1, "initial", _migration_1_initial),)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def db_schema_version(database) -> int:
+    """Return the schema version recorded in the database (0 for an empty one)."""
+    database.execute_sql(
+        "CREATE TABLE IF NOT EXISTS schema_version "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+    )
+    row = database.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()
+    return row[0] or 0
+
+
+def db_migrate(database) -> None:
+    """Apply every migration newer than the database, each in its own transaction."""
+    with database.atomic("IMMEDIATE"):
+        current = db_schema_version(database)
+    if current > SCHEMA_VERSION:
+        raise ConfigError(
+            f"database schema {current} is newer than this jmapd ({SCHEMA_VERSION}); "
+            "upgrade jmapd"
+        )
+    for version, name, migrate in MIGRATIONS:
+        if version <= current:
+            continue
+        with database.atomic("IMMEDIATE"):
+            if db_schema_version(database) >= version:
+                continue  # another process migrated meanwhile
+            migrate(database)
+            database.execute_sql(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, int(time.time())),
+            )
+        log.info("database migrated to schema %d (%s)", version, name)
+
+
+# =============================================================================
+# 4.5 CHANGE LOG AND STATE
+#     One modseq counter per account. record_change() stamps a row and the type's
+#     state; ChangeLog.flush() writes the counter back inside the same transaction.
+#     Tombstones older than the horizon are purged and raise purged_below.
+# =============================================================================
+
+
+class ChangeLog:
+    """Allocate modseqs for one account within one write transaction."""
+
+    def __init__(self, account_pk: int, now: float):
+        self.account_pk = account_pk
+        self.now = now
+        self.modseq: int | None = None
+        self.touched: dict[str, int] = {}
+
+    def next(self, type_name: str) -> int:
+        if self.modseq is None:
+            self.modseq = (
+                Account.select(Account.modseq).where(Account.pk == self.account_pk).scalar()
+            )
+        self.modseq += 1
+        self.touched[type_name] = self.modseq
+        return self.modseq
+
+    def flush(self) -> None:
+        """Write the counter and each touched type's state (call inside the transaction)."""
+        if not self.touched:
+            return
+        Account.update(modseq=self.modseq).where(Account.pk == self.account_pk).execute()
+        for type_name, modseq in self.touched.items():
+            TypeState.insert(
+                account_pk=self.account_pk, type_name=type_name, modseq=modseq
+            ).on_conflict(
+                conflict_target=[TypeState.account_pk, TypeState.type_name],
+                update={TypeState.modseq: modseq},
+            ).execute()
+        self.touched = {}
+
+
+CHANGE_KINDS = ("created", "updated", "destroyed", "counts")
+
+
+def record_change(changes: ChangeLog, type_name: str, row: JmapRow, kind: str) -> None:
+    """Stamp a row with a new modseq for a JMAP-visible change and save it."""
+    assert kind in CHANGE_KINDS, kind
+    modseq = changes.next(type_name)
+    if kind == "created":
+        row.created_modseq = row.updated_modseq = modseq
+    elif kind == "updated":
+        row.updated_modseq = modseq
+    elif kind == "destroyed":
+        row.updated_modseq = modseq
+        row.destroyed = True
+        row.destroyed_at = int(changes.now)
+    else:
+        row.counts_modseq = modseq
+    row.save()
+
+
+def type_state_row(account_pk: int, type_name: str) -> TypeState:
+    """Return the stored state of a type (an unsaved zero row if it never changed)."""
+    row = TypeState.get_or_none(
+        (TypeState.account_pk == account_pk) & (TypeState.type_name == type_name)
+    )
+    return row or TypeState(account_pk=account_pk, type_name=type_name, modseq=0, purged_below=0)
+
+
+def state_string(modseq: int) -> str:
+    return str(modseq)
+
+
+def parse_state(raw_state) -> int | None:
+    """Return the modseq a state string names, or None if it is not one of ours."""
+    if not isinstance(raw_state, str) or not re.fullmatch(r"0|[1-9][0-9]{0,17}", raw_state):
+        return None
+    return int(raw_state)
+
+
+def db_purge_tombstones(models: dict, horizon_days: int, now: float) -> int:
+    """Delete tombstones older than the horizon; raise purged_below so /changes knows."""
+    cutoff = int(now - horizon_days * 86400)
+    purged = 0
+    for type_name, model in models.items():
+        with db.atomic("IMMEDIATE"):
+            old = (
+                model.select(model.account_pk, peewee.fn.MAX(model.updated_modseq).alias("top"))
+                .where(model.destroyed & (model.destroyed_at < cutoff))
+                .group_by(model.account_pk)
+            )
+            for row in old:
+                state = type_state_row(row.account_pk, type_name)
+                TypeState.insert(
+                    account_pk=row.account_pk,
+                    type_name=type_name,
+                    modseq=state.modseq,
+                    purged_below=max(state.purged_below, row.top),
+                ).on_conflict_replace().execute()
+            purged += model.delete().where(model.destroyed & (model.destroyed_at < cutoff)).execute()
+    return purged
+
+
+# =============================================================================
+# 5 AUTH AND THE SESSION RESOURCE
+#   argon2id password hashes with pinned parameters; HTTP Basic. A verified
+#   credential is remembered briefly under a keyed hash of it (never the credential
+#   itself) and only while the stored hash is unchanged. Session: RFC 8620 §2.
+# =============================================================================
+
+ARGON2_PI = (3, 65536, 1)  # time cost, memory KiB (64 MiB), lanes: ~100 ms on a Pi 4
+ARGON2_CHEAP = (1, 8, 1)  # --test-cheap-hashing only
+USERNAME_RE = re.compile(r"^[^@\s\"(),:;<>\[\\\]]{1,64}@[A-Za-z0-9.-]{1,253}$")
+
+
+def auth_normalise_username(raw_username: str) -> str:
+    """Check that a username is an e-mail address and return it lower-cased."""
+    username = raw_username.strip().lower()
+    if not USERNAME_RE.match(username) or ".." in username.split("@")[1]:
+        raise ValueError(f"{raw_username!r} is not an e-mail address")
+    return username
+
+
+class Authenticator:
+    """Verify credentials, with a short-lived cache of successful verifications."""
+
+    def __init__(self, cheap: bool, clock: Clock):
+        self.hasher = argon2_hasher(*(ARGON2_CHEAP if cheap else ARGON2_PI))
+        self.clock = clock
+        self.cache_key = secrets.token_bytes(32)
+        self.cache: dict[bytes, tuple[int, str, float]] = {}
+        self.cache_lock = threading.Lock()
+        self.dummy_hash = self.hasher.hash(secrets.token_hex(16))
+
+    def hash_password(self, password: str) -> str:
+        return self.hasher.hash(password)
+
+    def check_basic(self, header: str) -> Account | None:
+        """Return the account a `Basic` Authorization header proves, or None."""
+        try:
+            decoded = base64.b64decode(header.encode("ascii"), validate=True).decode("utf-8")
+        except (ValueError, UnicodeError):
+            return None
+        username, sep, password = decoded.partition(":")
+        if not sep:
+            return None
+        return self.check_password(username.strip().lower(), password)
+
+    def check_password(self, username: str, password: str) -> Account | None:
+        key = hmac.new(self.cache_key, f"{username}\0{password}".encode(), "sha256").digest()
+        now = time.monotonic()
+        with self.cache_lock:
+            cached = self.cache.get(key)
+        if cached and cached[2] > now:
+            account = Account.get_or_none(Account.pk == cached[0])
+            if account and account.password_hash == cached[1]:
+                return account
+        account = Account.get_or_none(Account.username == username)
+        if not self._verify(account.password_hash if account else self.dummy_hash, password):
+            return None
+        if account is None:
+            return None
+        with self.cache_lock:
+            if len(self.cache) > 10_000:
+                self.cache.clear()
+            self.cache[key] = (account.pk, account.password_hash, now + AUTH_CACHE_SECONDS)
+        return account
+
+    def _verify(self, stored_hash: str, password: str) -> bool:
+        try:
+            return self.hasher.verify(stored_hash, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
+            return False
+
+
+def session_account_capabilities(app) -> dict:
+    """The capabilities every account has, with their per-account values."""
+    return {
+        CAP_CORE: {},
+        CAP_MAIL: {
+            "maxMailboxesPerEmail": None,
+            "maxMailboxDepth": MAX_MAILBOX_DEPTH,
+            "maxSizeMailboxName": MAX_SIZE_MAILBOX_NAME,
+            "maxSizeAttachmentsPerEmail": app.cfg.max_size_upload,
+            "emailQuerySortOptions": [],
+            "mayCreateTopLevelMailbox": True,
+        },
+    }
+
+
+def session_resource(app, user: Account, base_url: str) -> dict:
+    """Build the JMAP Session object (RFC 8620 §2) for a user."""
+    account_caps = session_account_capabilities(app)
+    accounts = {
+        account.id: {
+            "name": account.username,
+            "isPersonal": account.pk == user.pk,
+            "isReadOnly": read_only,
+            "accountCapabilities": account_caps,
+        }
+        for account, read_only in app.accessible_accounts(user).values()
+    }
+    session = {
+        "capabilities": {CAP_CORE: app.cfg.limits.as_capability(), CAP_MAIL: {}},
+        "accounts": accounts,
+        "primaryAccounts": {CAP_MAIL: user.id},
+        "username": user.username,
+        "apiUrl": f"{base_url}/jmap/api/",
+        "downloadUrl": f"{base_url}/jmap/download/{{accountId}}/{{blobId}}/{{name}}?type={{type}}",
+        "uploadUrl": f"{base_url}/jmap/upload/{{accountId}}/",
+        "eventSourceUrl": (
+            f"{base_url}/jmap/eventsource/?types={{types}}&closeafter={{closeafter}}&ping={{ping}}"
+        ),
+    }
+    session["state"] = session_state(session)
+    return session
+
+
+def session_state(session: dict) -> str:
+    """Derive the session state from its content, so it changes whenever the session does.
+
+    URLs are left out: they change only with the configuration (or the Host a client
+    used), and an API response must be able to report the state without them.
+    """
+    content = {k: session[k] for k in ("capabilities", "accounts", "primaryAccounts", "username")}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+# =============================================================================
+# 6 JMAP CORE
+# =============================================================================
+
+# =============================================================================
+# 6.1 ERRORS
+#     RequestError -> RFC 7807 problem document (RFC 8620 §3.6.1); MethodError ->
+#     ["error", {...}, callId] (§3.6.2); SetError -> one record's entry in
+#     notCreated/notUpdated/notDestroyed (§5.3). Anything else is a bug: serverFail.
+# =============================================================================
+
+
+class RequestError(Exception):
+    """A request-level problem (RFC 8620 §3.6.1), answered as RFC 7807 JSON."""
+
+    def __init__(self, kind: str, detail: str, status: int = 400, limit: str | None = None):
+        super().__init__(detail)
+        self.kind, self.detail, self.status, self.limit = kind, detail, status, limit
+
+    def as_json(self) -> dict:
+        body = {"type": PROBLEM_PREFIX + self.kind, "status": self.status, "detail": self.detail}
+        if self.limit:
+            body["limit"] = self.limit  # RFC 8620 §3.6.1: MUST name the limit
+        return body
+
+
+class MethodError(Exception):
+    """A method-level error (RFC 8620 §3.6.2); extra members go into the error object."""
+
+    def __init__(self, kind: str, description: str | None = None, **extra):
+        super().__init__(description or kind)
+        self.kind, self.description, self.extra = kind, description, extra
+
+    def as_json(self) -> dict:
+        body = {"type": self.kind}
+        if self.description:
+            body["description"] = self.description
+        body.update(self.extra)
+        return body
+
+
+class SetError(MethodError):
+    """One record of a /set, /copy or import failed (RFC 8620 §5.3)."""
+
+
+def invalid_properties(names, description: str | None = None) -> SetError:
+    return SetError("invalidProperties", description, properties=sorted(set(names)))
+
+
+# =============================================================================
+# 6.2 REQUEST ENGINE AND RESULT REFERENCES
+#     engine_run() validates a Request (RFC 8620 §3.3), then for each call resolves
+#     `#` references (§3.7), checks `using` and the account, and runs the handler in
+#     one transaction. Handlers have one signature: handler(ctx, args) -> dict.
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    capability: str
+    handler: Callable
+    writes: bool
+    takes_account: bool = True
+
+
+METHODS: dict[str, Method] = {}
+
+
+def jmap_method(name: str, capability: str, writes: bool = False, takes_account: bool = True):
+    """Register a method handler under its wire name."""
+
+    def register(handler):
+        assert name not in METHODS, name
+        METHODS[name] = Method(name, capability, handler, writes, takes_account)
+        return handler
+
+    return register
+
+
+@dataclass
+class Call:
+    """The context of one method call: who, which account, the request's shared state."""
+
+    app: Any
+    user: Account
+    using: frozenset
+    created_ids: dict
+    method: str = ""
+    call_id: str = ""
+    account: Account | None = None
+    read_only: bool = False
+    changes: ChangeLog | None = None
+    extra_responses: list = field(default_factory=list)
+    sub_calls: list = field(default_factory=list)
+
+    @property
+    def now(self) -> float:
+        return self.app.clock.now()
+
+    @property
+    def limits(self) -> CoreLimits:
+        return self.app.cfg.limits
+
+    def for_account(self, account: Account, read_only: bool) -> "Call":
+        """A context for a second account in the same call (e.g. /copy's from-account)."""
+        sub = dataclasses.replace(self, account=account, read_only=read_only)
+        sub.changes = ChangeLog(account.pk, self.now)
+        sub.extra_responses = self.extra_responses
+        self.sub_calls.append(sub)
+        return sub
+
+    def flush_changes(self) -> set:
+        touched = set()
+        for ctx in [self] + self.sub_calls:
+            if ctx.changes and ctx.changes.touched:
+                touched.add(ctx.changes.account_pk)
+                ctx.changes.flush()
+        return touched
+
+
+def engine_parse_request(app, raw_body: bytes) -> dict:
+    """Parse and validate a Request object (RFC 8620 §3.3); raise RequestError."""
+    try:
+        request = parse_ijson(raw_body)
+    except NotIJson as exc:
+        raise RequestError("notJSON", f"The request did not parse as I-JSON: {exc}") from exc
+    problem = _request_shape_problem(request)
+    if problem:
+        raise RequestError("notRequest", f"The request is not a JMAP Request object: {problem}")
+    unknown = [cap for cap in request["using"] if cap not in app.capabilities]
+    if unknown:
+        raise RequestError(
+            "unknownCapability",
+            f"The Request object used capability {unknown[0]!r}, "
+            "which is not supported by this server.",
+        )
+    if len(request["methodCalls"]) > app.cfg.max_calls_in_request:
+        raise RequestError(
+            "limit",
+            f"The request has more than {app.cfg.max_calls_in_request} method calls.",
+            limit="maxCallsInRequest",
+        )
+    return request
+
+
+def _request_shape_problem(request) -> str | None:
+    if not isinstance(request, dict):
+        return "not an object"
+    using = request.get("using")
+    if not isinstance(using, list) or not all(isinstance(u, str) for u in using):
+        return "'using' must be an array of strings"
+    calls = request.get("methodCalls")
+    if not isinstance(calls, list):
+        return "'methodCalls' must be an array"
+    for call in calls:
+        if not (
+            isinstance(call, list)
+            and len(call) == 3
+            and isinstance(call[0], str)
+            and isinstance(call[1], dict)
+            and isinstance(call[2], str)
+        ):
+            return "each method call must be [String, Object, String]"
+    created = request.get("createdIds")
+    if "createdIds" in request and not (
+        isinstance(created, dict) and all(isinstance(v, str) for v in created.values())
+    ):
+        return "'createdIds' must be an object of Id values"
+    return None
+
+
+def engine_run(app, user: Account, raw_body: bytes) -> dict:
+    """Run a JMAP API request for a user and return the Response object (RFC 8620 §3.4)."""
+    request = engine_parse_request(app, raw_body)
+    using = frozenset(request["using"])
+    created_ids = dict(request.get("createdIds") or {})
+    responses: list = []
+    for name, raw_args, call_id in request["methodCalls"]:
+        ctx = Call(app, user, using, created_ids, method=name, call_id=call_id)
+        try:
+            args = resolve_references(raw_args, responses)
+            output = engine_call(ctx, name, args)
+        except MethodError as exc:
+            responses.append(["error", exc.as_json(), call_id])
+            continue
+        responses.append([name, output, call_id])
+        responses.extend([resp_name, resp, call_id] for resp_name, resp in ctx.extra_responses)
+    response = {"methodResponses": responses, "sessionState": app.session_state_for(user)}
+    if "createdIds" in request:
+        response["createdIds"] = created_ids  # RFC 8620 §3.4: only if the request had it
+    return response
+
+
+def resolve_references(raw_args: dict, responses: list) -> dict:
+    """Replace `#name` result references with their values (RFC 8620 §3.7)."""
+    args = {}
+    for key, value in raw_args.items():
+        if not key.startswith("#"):
+            args[key] = value
+            continue
+        plain = key[1:]
+        if plain in raw_args:
+            raise MethodError("invalidArguments", f"both {plain!r} and {key!r} given")
+        args[plain] = _resolve_one(value, responses)
+    return args
+
+
+def _resolve_one(ref, responses: list):
+    if not (
+        isinstance(ref, dict)
+        and isinstance(ref.get("resultOf"), str)
+        and isinstance(ref.get("name"), str)
+        and isinstance(ref.get("path"), str)
+    ):
+        raise MethodError("invalidResultReference", "a ResultReference needs resultOf, name, path")
+    match = next((r for r in responses if r[2] == ref["resultOf"]), None)
+    if match is None:
+        raise MethodError("invalidResultReference", f"no response for {ref['resultOf']!r}")
+    if match[0] != ref["name"]:
+        raise MethodError(
+            "invalidResultReference", f"response {ref['resultOf']!r} is {match[0]!r}"
+        )
+    try:
+        tokens = pointer_tokens(ref["path"])
+        if len(tokens) > MAX_RESULT_REFERENCE_DEPTH:
+            raise ValueError("path too deep")
+        return pointer_evaluate(match[1], tokens)
+    except ValueError as exc:
+        raise MethodError("invalidResultReference", f"path {ref['path']!r}: {exc}") from exc
+
+
+def engine_call(ctx: Call, name: str, args: dict) -> dict:
+    """Run one method call in its own transaction and return its response arguments."""
+    method = METHODS.get(name)
+    if method is None or method.capability not in ctx.using:
+        raise MethodError("unknownMethod", f"unknown method {name!r} for the capabilities used")
+    if method.takes_account:
+        _use_account(ctx, method, args.get("accountId"))
+    try:
+        with db.atomic("IMMEDIATE" if method.writes else None):
+            output = method.handler(ctx, args)
+            touched = ctx.flush_changes()
+    except MethodError:
+        raise
+    except peewee.OperationalError as exc:
+        log.warning("%s: database unavailable: %s", name, exc)
+        raise MethodError("serverUnavailable", "the database is busy; try again") from exc
+    except Exception as exc:  # noqa: BLE001 -- a bug: log it, answer serverFail, go on
+        log.exception("%s failed", name)
+        raise MethodError("serverFail", "internal error; see the server log") from exc
+    for account_pk in touched:
+        ctx.app.bus.notify(account_pk)
+    return output
+
+
+def _use_account(ctx: Call, method: Method, raw_account_id) -> None:
+    if not isinstance(raw_account_id, str):
+        raise MethodError("invalidArguments", "accountId must be a String")
+    found = ctx.app.accessible_accounts(ctx.user).get(raw_account_id)
+    if found is None:
+        raise MethodError("accountNotFound", f"no account {raw_account_id!r}")
+    account, read_only = found
+    if method.capability not in session_account_capabilities(ctx.app):
+        raise MethodError("accountNotSupportedByMethod")
+    if method.writes and read_only:
+        raise MethodError("accountReadOnly")
+    ctx.account, ctx.read_only = account, read_only
+    ctx.changes = ChangeLog(account.pk, ctx.now)
+
+
+# ---- argument checking: one table per method, checked before the handler runs ----
+
+REQUIRED = object()
+
+
+def a_any(value):
+    return value
+
+
+def a_bool(value):
+    if not isinstance(value, bool):
+        raise ValueError("must be a Boolean")
+    return value
+
+
+def a_str(value):
+    if not isinstance(value, str):
+        raise ValueError("must be a String")
+    return value
+
+
+def a_int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_INT:
+        raise ValueError("must be an Int")
+    return value
+
+
+def a_uint(value):
+    if a_int(value) < 0:
+        raise ValueError("must be an UnsignedInt")
+    return value
+
+
+def a_id(value):
+    if not isinstance(value, str) or not (is_valid_id(value) or _is_creation_ref(value)):
+        raise ValueError("must be an Id")
+    return value
+
+
+def a_ids(value):
+    if not isinstance(value, list):
+        raise ValueError("must be an array of Ids")
+    return [a_id(item) for item in value]
+
+
+def a_strs(value):
+    if not isinstance(value, list):
+        raise ValueError("must be an array of Strings")
+    return [a_str(item) for item in value]
+
+
+def a_obj(value):
+    if not isinstance(value, dict):
+        raise ValueError("must be an object")
+    return value
+
+
+def nullable(check):
+    def check_or_null(value):
+        return None if value is None else check(value)
+
+    return check_or_null
+
+
+def _is_creation_ref(value) -> bool:
+    return isinstance(value, str) and value.startswith("#") and is_valid_id(value[1:])
+
+
+def take_args(raw_args: dict, schema: dict) -> dict:
+    """Check method arguments against {name: (checker, default)}; raise invalidArguments."""
+    unknown = sorted(set(raw_args) - set(schema))
+    if unknown:
+        raise MethodError("invalidArguments", f"unknown argument(s): {', '.join(unknown)}")
+    args = {}
+    for name, (check, default) in schema.items():
+        if name not in raw_args:
+            if default is REQUIRED:
+                raise MethodError("invalidArguments", f"missing argument {name!r}")
+            args[name] = default
+            continue
+        try:
+            args[name] = check(raw_args[name])
+        except ValueError as exc:
+            raise MethodError("invalidArguments", f"{name}: {exc}") from exc
+    return args
+
+
+def resolve_creation_id(ctx: Call, raw_id: str) -> str | None:
+    """Map `#creationId` to the id it created in this request (RFC 8620 §5.3)."""
+    if _is_creation_ref(raw_id):
+        return ctx.created_ids.get(raw_id[1:])
+    return raw_id
+
+
+# =============================================================================
+# 6.3 GENERIC TYPE MACHINE -- /get /changes /set /copy /query /queryChanges
+#     RFC 8620 §5. A type is a TypeSpec declaration: its properties (Prop), filters,
+#     sorts and hooks. The machine does the bookkeeping: argument checks, ifInState,
+#     create -> update -> destroy, patches, creation ids, change log, paging.
+# =============================================================================
+
+NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Prop:
+    """One property of a JMAP type: its kind, column and rules (RFC 8620 §5.3)."""
+
+    kind: str  # id, str, bool, uint, int, utcdate, object, list, any
+    column: str | None = None  # model attribute; None = computed by TypeSpec.compute()
+    default: Any = NO_DEFAULT
+    nullable: bool = False
+    server_set: bool = False
+    immutable: bool = False
+    ref: str | None = None  # referenced type name (Ids that may be "#creationId")
+    max_len: int | None = None  # octets, for strings
+    max_value: int | None = None
+    check: Callable | None = None  # extra value check raising ValueError
+
+
+PROP_KIND_CHECKS = {
+    "str": a_str,
+    "bool": a_bool,
+    "int": a_int,
+    "uint": a_uint,
+    "object": a_obj,
+    "list": lambda v: v if isinstance(v, list) else (_ for _ in ()).throw(ValueError("array")),
+    "any": a_any,
+}
+
+TYPES: dict[str, "TypeSpec"] = {}
+
+
+def register_type(cls):
+    """Declare a JMAP type: register it and its standard methods."""
+    spec = cls()
+    TYPES[spec.name] = spec
+    handlers = {
+        "get": (method_get, False),
+        "changes": (method_changes, False),
+        "set": (method_set, True),
+        "copy": (method_copy, True),
+        "query": (method_query, False),
+        "queryChanges": (method_query_changes, False),
+    }
+    for suffix in spec.methods:
+        handler, writes = handlers[suffix]
+        jmap_method(f"{spec.name}/{suffix}", spec.capability, writes)(
+            functools.partial(handler, spec)
+        )
+    return cls
+
+
+class TypeSpec:
+    """A JMAP data type on the generic machine.
+
+    Hooks a type may override (each raises SetError to reject one record):
+      compute(ctx, row, name)       value of a computed (column-less) property
+      validate(ctx, values, row)    check the whole would-be object; row is None on create
+      on_create / on_update(ctx, row, values)   after the row is written
+      on_destroy(ctx, row, args)    before the tombstone is written (may refuse)
+      query_order(ctx, args, pks)   reorder or filter query results (e.g. sortAsTree)
+      can_calculate_changes(args)   whether /queryChanges is exact for this query
+      changes_extra(ctx, since, rows)   extra /changes response members
+    """
+
+    name: str = ""
+    capability: str = CAP_CORE
+    model: type = JmapRow
+    id_prefix: str = "X"
+    methods: tuple = ("get", "changes", "set", "query", "queryChanges")
+    props: dict = {}
+    filters: dict = {}  # condition name -> fn(ctx, value) -> peewee expression
+    sorts: dict = {}  # property name -> (column, is_string)
+    get_all: bool = True  # /get with ids null returns everything
+    set_args: dict = {}
+    query_args: dict = {}
+
+    # ---- reading ----
+    def id_of(self, pk: int) -> str:
+        return id_for(self.id_prefix, pk)
+
+    def live(self, ctx: Call):
+        model = self.model
+        return model.select().where((model.account_pk == ctx.account.pk) & ~model.destroyed)
+
+    def load(self, ctx: Call, raw_id) -> JmapRow | None:
+        pk = pk_from_id(self.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        if pk is None:
+            return None
+        return self.live(ctx).where(self.model.pk == pk).first()
+
+    def to_json(self, ctx: Call, row, wanted) -> dict:
+        obj = {"id": self.id_of(row.pk)}
+        for name in wanted:
+            if name == "id":
+                continue
+            prop = self.props[name]
+            if prop.column is None:
+                obj[name] = self.compute(ctx, row, name)
+                continue
+            value = getattr(row, prop.column)
+            if prop.ref and value is not None:
+                value = TYPES[prop.ref].id_of(value)
+            elif prop.kind == "bool":
+                value = bool(value)
+            elif prop.kind == "utcdate" and value is not None:
+                value = utc_date(value)
+            obj[name] = value
+        return obj
+
+    def compute(self, ctx: Call, row, name: str):
+        raise NotImplementedError(f"{self.name}.{name} has no column and no compute()")
+
+    def state(self, ctx: Call) -> str:
+        return state_string(type_state_row(ctx.account.pk, self.name).modseq)
+
+    # ---- hooks (defaults do nothing) ----
+    def validate(self, ctx: Call, values: dict, row) -> None:
+        pass
+
+    def on_create(self, ctx: Call, row, values: dict) -> None:
+        pass
+
+    def on_update(self, ctx: Call, row, values: dict) -> None:
+        pass
+
+    def on_destroy(self, ctx: Call, row, args: dict) -> None:
+        pass
+
+    def query_order(self, ctx: Call, args: dict, pks: list) -> list:
+        return pks
+
+    def can_calculate_changes(self, args: dict) -> bool:
+        return True
+
+    def change_column(self):
+        return self.model.updated_modseq
+
+    def changes_extra(self, ctx: Call, since: int, rows: list) -> dict:
+        return {}
+
+
+# ---- /get (RFC 8620 §5.1) ----
+
+GET_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "ids": (nullable(a_ids), None),
+    "properties": (nullable(a_strs), None),
+}
+
+
+def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
+    """Return the requested objects of a type (RFC 8620 §5.1)."""
+    args = take_args(raw_args, GET_ARGS)
+    wanted = _wanted_properties(spec, args["properties"])
+    state = spec.state(ctx)
+    if args["ids"] is None:
+        if not spec.get_all:
+            raise MethodError("requestTooLarge", "ids must be given for this type")
+        rows = list(spec.live(ctx).order_by(spec.model.pk).limit(ctx.limits.max_objects_in_get + 1))
+        if len(rows) > ctx.limits.max_objects_in_get:
+            raise MethodError("requestTooLarge", "more objects than maxObjectsInGet")
+        return {
+            "accountId": ctx.account.id,
+            "state": state,
+            "list": [spec.to_json(ctx, row, wanted) for row in rows],
+            "notFound": [],
+        }
+    ids = list(dict.fromkeys(args["ids"]))  # RFC 8620 §5.1: duplicates answered once
+    if len(ids) > ctx.limits.max_objects_in_get:
+        raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
+    found, not_found = [], []
+    for raw_id in ids:
+        row = spec.load(ctx, raw_id)
+        if row is None:
+            not_found.append(raw_id)
+        else:
+            found.append(spec.to_json(ctx, row, wanted))
+    return {"accountId": ctx.account.id, "state": state, "list": found, "notFound": not_found}
+
+
+def _wanted_properties(spec: TypeSpec, properties) -> list:
+    if properties is None:
+        return list(spec.props)
+    unknown = [p for p in properties if p not in spec.props]
+    if unknown:
+        raise MethodError("invalidArguments", f"unknown properties: {', '.join(unknown)}")
+    return list(dict.fromkeys(["id"] + properties))  # RFC 8620 §5.1: id always returned
+
+
+# ---- /changes (RFC 8620 §5.2) ----
+
+CHANGES_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "sinceState": (a_str, REQUIRED),
+    "maxChanges": (nullable(a_uint), None),
+}
+
+
+def method_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
+    """List ids created, updated and destroyed since a state (RFC 8620 §5.2)."""
+    args = take_args(raw_args, CHANGES_ARGS)
+    max_changes = args["maxChanges"]
+    if max_changes == 0:
+        raise MethodError("invalidArguments", "maxChanges must be greater than 0")
+    since = _since_modseq(spec, ctx, args["sinceState"])
+    model, changed = spec.model, spec.change_column()
+    query = (
+        model.select(model, changed.alias("changed_at"))
+        .where((model.account_pk == ctx.account.pk) & (changed > since))
+        .order_by(changed)
+    )
+    if max_changes is not None:
+        query = query.limit(max_changes + 1)
+    rows = list(query)
+    has_more = max_changes is not None and len(rows) > max_changes
+    if has_more:
+        rows = rows[:max_changes]
+        new_state = state_string(rows[-1].changed_at)
+    else:
+        new_state = spec.state(ctx)
+    created, updated, destroyed = [], [], []
+    for row in rows:
+        if row.created_modseq > since:
+            if not row.destroyed:
+                created.append(spec.id_of(row.pk))
+        elif row.destroyed:
+            destroyed.append(spec.id_of(row.pk))
+        else:
+            updated.append(spec.id_of(row.pk))
+    response = {
+        "accountId": ctx.account.id,
+        "oldState": args["sinceState"],
+        "newState": new_state,
+        "hasMoreChanges": has_more,
+        "created": created,
+        "updated": updated,
+        "destroyed": destroyed,
+    }
+    response.update(spec.changes_extra(ctx, since, rows))
+    return response
+
+
+def _since_modseq(spec: TypeSpec, ctx: Call, raw_state: str) -> int:
+    """Turn a client's state into a modseq, or refuse with cannotCalculateChanges."""
+    since = parse_state(raw_state)
+    current = type_state_row(ctx.account.pk, spec.name)
+    if since is None or since > current.modseq:
+        raise MethodError("cannotCalculateChanges", "unknown state")
+    if since < current.purged_below:
+        raise MethodError("cannotCalculateChanges", "state is older than the change horizon")
+    return since
+
+
+# ---- /set (RFC 8620 §5.3) ----
+
+SET_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "ifInState": (nullable(a_str), None),
+    "create": (nullable(a_obj), None),
+    "update": (nullable(a_obj), None),
+    "destroy": (nullable(a_ids), None),
+}
+
+
+def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
+    """Create, update and destroy objects of a type (RFC 8620 §5.3)."""
+    args = take_args(raw_args, {**SET_ARGS, **spec.set_args})
+    create, update = args["create"] or {}, args["update"] or {}
+    destroy = list(dict.fromkeys(args["destroy"] or []))
+    if len(create) + len(update) + len(destroy) > ctx.limits.max_objects_in_set:
+        raise MethodError("requestTooLarge", "more changes than maxObjectsInSet")
+    old_state = spec.state(ctx)
+    if args["ifInState"] is not None and args["ifInState"] != old_state:
+        raise MethodError("stateMismatch", f"state is {old_state}")
+    result = {
+        "accountId": ctx.account.id,
+        "oldState": old_state,
+        "newState": None,
+        "created": {},
+        "updated": {},
+        "destroyed": [],
+        "notCreated": {},
+        "notUpdated": {},
+        "notDestroyed": {},
+    }
+    for cid, obj in _creation_order(spec, create):
+        _record_outcome(result, "created", "notCreated", cid,
+                        lambda: set_create_one(spec, ctx, cid, obj))
+    will_destroy = {resolve_creation_id(ctx, i) for i in destroy}
+    for raw_id, patch in update.items():
+        _record_outcome(result, "updated", "notUpdated", raw_id,
+                        lambda: set_update_one(spec, ctx, raw_id, patch, will_destroy))
+    for raw_id in destroy:
+        _record_outcome(result, "destroyed", "notDestroyed", raw_id,
+                        lambda: set_destroy_one(spec, ctx, raw_id, args))
+    result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
+    for key in ("created", "updated", "destroyed", "notCreated", "notUpdated", "notDestroyed"):
+        result[key] = result[key] or None  # RFC 8620 §5.3: empty maps are null
+    return result
+
+
+def _record_outcome(result: dict, ok_key: str, fail_key: str, key: str, action) -> None:
+    """Run one record's change in a savepoint; a SetError undoes only that record."""
+    try:
+        with db.atomic():
+            outcome = action()
+    except SetError as exc:
+        result[fail_key][key] = exc.as_json()
+        return
+    if ok_key == "destroyed":
+        result["destroyed"].append(key)
+    else:
+        result[ok_key][key] = outcome
+
+
+def _creation_order(spec: TypeSpec, create: dict) -> list:
+    """Order creates so a record referencing another new one (#cid) comes after it."""
+    ref_props = [name for name, prop in spec.props.items() if prop.ref == spec.name]
+    pending, ordered, done = dict(create), [], set()
+    while pending:
+        progress = False
+        for cid, obj in list(pending.items()):
+            needs = {
+                obj[p][1:]
+                for p in ref_props
+                if isinstance(obj, dict) and _is_creation_ref(obj.get(p))
+            }
+            if not (needs & set(pending)) or needs <= done:
+                ordered.append((cid, obj))
+                done.add(cid)
+                del pending[cid]
+                progress = True
+        if not progress:  # a cycle: let each fail on its unresolved reference
+            ordered.extend(pending.items())
+            break
+    return ordered
+
+
+def set_create_one(spec: TypeSpec, ctx: Call, cid: str, raw_obj) -> dict:
+    """Create one record; return the properties the client did not send (RFC 8620 §5.3)."""
+    if not isinstance(raw_obj, dict):
+        raise invalid_properties([], "a create must be an object")
+    bad = [n for n in raw_obj if n not in spec.props or spec.props[n].server_set]
+    values = {}
+    for name, raw_value in raw_obj.items():
+        if name in bad:
+            continue
+        try:
+            values[name] = prop_value(spec, ctx, name, raw_value)
+        except ValueError:
+            bad.append(name)
+    defaulted = []
+    for name, prop in spec.props.items():
+        if name in values or prop.server_set or name in bad:
+            continue
+        if prop.default is NO_DEFAULT:
+            bad.append(name)  # required and missing
+        else:
+            values[name] = prop.default
+            defaulted.append(name)
+    if bad:
+        raise invalid_properties(bad)
+    spec.validate(ctx, values, None)
+    row = spec.model(account_pk=ctx.account.pk, **_columns(spec, values))
+    record_change(ctx.changes, spec.name, row, "created")
+    spec.on_create(ctx, row, values)
+    new_id = spec.id_of(row.pk)
+    ctx.created_ids[cid] = new_id  # RFC 8620 §5.3: a reused creation id maps to the newest
+    stored = spec.to_json(ctx, row, list(spec.props))
+    return {
+        name: value
+        for name, value in stored.items()
+        if name not in raw_obj or name in defaulted or value != values.get(name)
+    }
+
+
+def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: set):
+    """Apply one PatchObject; return what changed beyond the patch, or None."""
+    if resolve_creation_id(ctx, raw_id) in will_destroy:
+        raise SetError("willDestroy", "the record is destroyed in the same call")
+    row = spec.load(ctx, raw_id)
+    if row is None:
+        raise SetError("notFound", f"no {spec.name} {raw_id!r}")
+    if not isinstance(patch, dict):
+        raise SetError("invalidPatch", "a PatchObject must be an object")
+    current = spec.to_json(ctx, row, list(spec.props))
+    patched = apply_patch(spec, current, patch)
+    bad = [name for name in current if name not in patched]  # a required property removed
+    changed = {}
+    for name, value in patched.items():
+        if name not in spec.props:
+            bad.append(name)
+        elif value != current.get(name):
+            prop = spec.props[name]
+            if prop.server_set or prop.immutable:
+                bad.append(name)
+                continue
+            try:
+                changed[name] = prop_value(spec, ctx, name, value)
+            except ValueError:
+                bad.append(name)
+    if bad:
+        raise invalid_properties(bad)
+    if not changed:
+        return None
+    values = {**current, **changed}
+    spec.validate(ctx, values, row)
+    for column, value in _columns(spec, changed).items():
+        setattr(row, column, value)
+    record_change(ctx.changes, spec.name, row, "updated")
+    spec.on_update(ctx, row, changed)
+    stored = spec.to_json(ctx, row, list(spec.props))
+    extra = {
+        name: value
+        for name, value in stored.items()
+        if name not in patch and value != current.get(name)
+        or name in changed and value != changed[name]
+    }
+    return extra or None
+
+
+def set_destroy_one(spec: TypeSpec, ctx: Call, raw_id: str, args: dict) -> None:
+    """Destroy one record, leaving a tombstone for /changes."""
+    row = spec.load(ctx, raw_id)
+    if row is None:
+        raise SetError("notFound", f"no {spec.name} {raw_id!r}")
+    spec.on_destroy(ctx, row, args)
+    record_change(ctx.changes, spec.name, row, "destroyed")
+
+
+def prop_value(spec: TypeSpec, ctx: Call, name: str, value):
+    """Check a client value for a property; raise ValueError if it is not acceptable."""
+    prop = spec.props[name]
+    if value is None:
+        if not prop.nullable:
+            raise ValueError("null not allowed")
+        return None
+    if prop.kind == "id":
+        real = resolve_creation_id(ctx, value) if isinstance(value, str) else None
+        if not is_valid_id(real):
+            raise ValueError("not an Id")
+        if prop.ref and TYPES[prop.ref].load(ctx, real) is None:
+            raise ValueError("no such record")  # RFC 8620 §5.3: bad foreign key
+        value = real
+    elif prop.kind == "utcdate":
+        parse_utc_date(value)
+    else:
+        value = PROP_KIND_CHECKS[prop.kind](value)
+    if prop.max_len is not None and octets(value) > prop.max_len:
+        raise ValueError("too long")
+    if prop.max_value is not None and value > prop.max_value:
+        raise ValueError("too large")
+    if prop.check:
+        value = prop.check(value)
+    return value
+
+
+def _columns(spec: TypeSpec, values: dict) -> dict:
+    """Map JSON property values onto model columns."""
+    columns = {}
+    for name, value in values.items():
+        prop = spec.props[name]
+        if prop.column is None:
+            continue
+        if prop.ref and value is not None:
+            value = pk_from_id(TYPES[prop.ref].id_prefix, value)
+        elif prop.kind == "utcdate" and value is not None:
+            value = int(parse_utc_date(value))
+        columns[prop.column] = value
+    return columns
+
+
+def apply_patch(spec: TypeSpec, current: dict, patch: dict) -> dict:
+    """Apply a PatchObject (RFC 8620 §5.3) to a copy of an object; raise invalidPatch."""
+    paths = []
+    for key in patch:
+        try:
+            paths.append(pointer_tokens("/" + key))
+        except ValueError as exc:
+            raise SetError("invalidPatch", f"{key!r}: {exc}") from exc
+    for a in paths:
+        for b in paths:
+            if a is not b and len(a) < len(b) and b[: len(a)] == a:
+                raise SetError("invalidPatch", f"{'/'.join(a)!r} is a prefix of another path")
+    result = json.loads(json.dumps(current))
+    for tokens, value in zip(paths, patch.values()):
+        _patch_one(spec, result, tokens, value)
+    return result
+
+
+def _patch_one(spec: TypeSpec, obj: dict, tokens: list, value) -> None:
+    target = obj
+    for token in tokens[:-1]:
+        if not isinstance(target, dict) or token not in target:
+            raise SetError("invalidPatch", f"{'/'.join(tokens)!r}: parent does not exist")
+        target = target[token]
+    if isinstance(target, list):
+        raise SetError("invalidPatch", "a patch may not reach inside an array")
+    if not isinstance(target, dict):
+        raise SetError("invalidPatch", f"{'/'.join(tokens)!r}: parent is not an object")
+    last = tokens[-1]
+    if value is not None:
+        target[last] = value
+    elif len(tokens) == 1 and last in spec.props and spec.props[last].default is not NO_DEFAULT:
+        target[last] = spec.props[last].default  # null resets to the default
+    else:
+        target.pop(last, None)
+
+
+# ---- /copy (RFC 8620 §5.4) ----
+
+COPY_ARGS = {
+    "fromAccountId": (a_id, REQUIRED),
+    "ifFromInState": (nullable(a_str), None),
+    "accountId": (a_id, REQUIRED),
+    "ifInState": (nullable(a_str), None),
+    "create": (a_obj, REQUIRED),
+    "onSuccessDestroyOriginal": (a_bool, False),
+    "destroyFromIfInState": (nullable(a_str), None),
+}
+
+
+def method_copy(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
+    """Copy objects from another account into this one (RFC 8620 §5.4)."""
+    args = take_args(raw_args, COPY_ARGS)
+    src = _from_account(ctx, args["fromAccountId"])
+    if len(args["create"]) > ctx.limits.max_objects_in_set:
+        raise MethodError("requestTooLarge", "more copies than maxObjectsInSet")
+    if args["ifFromInState"] is not None and args["ifFromInState"] != spec.state(src):
+        raise MethodError("stateMismatch", "fromAccount state does not match ifFromInState")
+    old_state = spec.state(ctx)
+    if args["ifInState"] is not None and args["ifInState"] != old_state:
+        raise MethodError("stateMismatch", f"state is {old_state}")
+    result = {
+        "fromAccountId": src.account.id,
+        "accountId": ctx.account.id,
+        "oldState": old_state,
+        "newState": None,
+        "created": {},
+        "notCreated": {},
+    }
+    copied = []
+    for cid, obj in args["create"].items():
+        _record_outcome(result, "created", "notCreated", cid,
+                        lambda: _copy_one(spec, ctx, src, cid, obj))
+        if cid in result["created"]:
+            copied.append(obj["id"])
+    result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
+    result["created"] = result["created"] or None
+    result["notCreated"] = result["notCreated"] or None
+    if args["onSuccessDestroyOriginal"] and copied:
+        # RFC 8620 §5.4: an implicit Foo/set in the from-account, answered after this call.
+        destroy_args = {"accountId": src.account.id, "destroy": copied,
+                        "ifInState": args["destroyFromIfInState"]}
+        try:
+            with db.atomic():
+                done = method_set(spec, src, destroy_args)
+        except MethodError as exc:
+            ctx.extra_responses.append(("error", exc.as_json()))
+        else:
+            ctx.extra_responses.append((f"{spec.name}/set", done))
+    return result
+
+
+def _from_account(ctx: Call, raw_account_id: str) -> Call:
+    if raw_account_id == ctx.account.id:
+        raise MethodError("invalidArguments", "fromAccountId must differ from accountId")
+    found = ctx.app.accessible_accounts(ctx.user).get(raw_account_id)
+    if found is None:
+        raise MethodError("fromAccountNotFound", f"no account {raw_account_id!r}")
+    return ctx.for_account(*found)
+
+
+def _copy_one(spec: TypeSpec, ctx: Call, src: Call, cid: str, raw_obj) -> dict:
+    if not isinstance(raw_obj, dict) or not isinstance(raw_obj.get("id"), str):
+        raise invalid_properties(["id"], "each copy needs the id of the original")
+    original = spec.load(src, raw_obj["id"])
+    if original is None:
+        raise SetError("notFound", f"no {spec.name} {raw_obj['id']!r} in fromAccount")
+    source = spec.to_json(src, original, list(spec.props))
+    obj = {n: v for n, v in source.items() if not spec.props[n].server_set}
+    obj.update({n: v for n, v in raw_obj.items() if n != "id"})
+    created = set_create_one(spec, ctx, cid, obj)
+    created["id"] = ctx.created_ids[cid]
+    return created
+
+
+# ---- /query (RFC 8620 §5.5) ----
+
+QUERY_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "filter": (nullable(a_obj), None),
+    "sort": (nullable(lambda v: a_sort_list(v)), None),
+    "position": (a_int, 0),
+    "anchor": (nullable(a_id), None),
+    "anchorOffset": (a_int, 0),
+    "limit": (nullable(a_uint), None),
+    "calculateTotal": (a_bool, False),
+}
+
+QUERY_CHANGES_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "filter": (nullable(a_obj), None),
+    "sort": (nullable(lambda v: a_sort_list(v)), None),
+    "sinceQueryState": (a_str, REQUIRED),
+    "maxChanges": (nullable(a_uint), None),
+    "upToId": (nullable(a_id), None),
+    "calculateTotal": (a_bool, False),
+}
+
+
+def a_sort_list(value):
+    """Check a Comparator[] (RFC 8620 §5.5); extra members are tolerated."""
+    if not isinstance(value, list) or len(value) > MAX_SORT_COMPARATORS:
+        raise ValueError(f"must be an array of at most {MAX_SORT_COMPARATORS} Comparators")
+    for comparator in value:
+        if not isinstance(comparator, dict) or not isinstance(comparator.get("property"), str):
+            raise ValueError("a Comparator needs a property")
+        if not isinstance(comparator.get("isAscending", True), bool):
+            raise ValueError("isAscending must be a Boolean")
+        if not isinstance(comparator.get("collation", ""), str):
+            raise ValueError("collation must be a String")
+    return value
+
+
+def method_query(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
+    """Search, sort and window the objects of a type (RFC 8620 §5.5)."""
+    args = take_args(raw_args, {**QUERY_ARGS, **spec.query_args})
+    pks = query_results(spec, ctx, args)
+    ids = [spec.id_of(pk) for pk in pks]
+    if args["anchor"] is not None:
+        anchor = resolve_creation_id(ctx, args["anchor"])
+        if anchor not in ids:
+            raise MethodError("anchorNotFound")
+        position = max(0, ids.index(anchor) + args["anchorOffset"])
+    else:
+        position = args["position"]
+        if position < 0:
+            position = max(0, len(ids) + position)
+    limit = args["limit"]
+    clamped = limit is None or limit > MAX_QUERY_LIMIT
+    if clamped:
+        limit = MAX_QUERY_LIMIT
+    response = {
+        "accountId": ctx.account.id,
+        "queryState": spec.state(ctx),
+        "canCalculateChanges": spec.can_calculate_changes(args),
+        "position": position,
+        "ids": ids[position : position + limit],
+    }
+    if args["calculateTotal"]:
+        response["total"] = len(ids)
+    if clamped and (args["limit"] is not None or len(ids) - position > limit):
+        response["limit"] = limit  # RFC 8620 §5.5: only when the server set a limit
+    return response
+
+
+def query_results(spec: TypeSpec, ctx: Call, args: dict) -> list[int]:
+    """Return the keys of every matching object, in sort order."""
+    model = spec.model
+    where = (model.account_pk == ctx.account.pk) & ~model.destroyed
+    if args["filter"] is not None:
+        where &= filter_expression(spec, ctx, args["filter"], 0)
+    order = sort_order(spec, args["sort"] or [])
+    query = model.select(model.pk).where(where).order_by(*order, model.pk)
+    pks = [pk for (pk,) in query.tuples()]
+    return spec.query_order(ctx, args, pks)
+
+
+def filter_expression(spec: TypeSpec, ctx: Call, raw_filter: dict, depth: int):
+    """Turn a FilterOperator or FilterCondition into a SQL expression (RFC 8620 §5.5)."""
+    if depth > MAX_FILTER_DEPTH:
+        raise MethodError("invalidArguments", "filter nested too deeply")
+    if "operator" in raw_filter:
+        operator, conditions = raw_filter["operator"], raw_filter.get("conditions")
+        if operator not in ("AND", "OR", "NOT") or not isinstance(conditions, list):
+            raise MethodError("invalidArguments", "a FilterOperator needs operator and conditions")
+        if len(conditions) > MAX_FILTER_CONDITIONS:
+            raise MethodError("invalidArguments", "too many filter conditions")
+        parts = []
+        for condition in conditions:
+            if not isinstance(condition, dict):
+                raise MethodError("invalidArguments", "a filter condition must be an object")
+            parts.append(filter_expression(spec, ctx, condition, depth + 1))
+        if operator == "AND":
+            return functools.reduce(lambda a, b: a & b, parts, peewee.SQL("1"))
+        either = functools.reduce(lambda a, b: a | b, parts, peewee.SQL("0"))
+        return either if operator == "OR" else ~either  # NOT: none of them match
+    expression = peewee.SQL("1")
+    for name, value in raw_filter.items():
+        make = spec.filters.get(name)
+        if make is None:
+            raise MethodError("unsupportedFilter", f"cannot filter on {name!r}")
+        try:
+            expression &= make(ctx, value)
+        except ValueError as exc:
+            raise MethodError("invalidArguments", f"filter {name}: {exc}") from exc
+    return expression
+
+
+def sort_order(spec: TypeSpec, comparators: list) -> list:
+    """Turn Comparators into ORDER BY terms; refuse unknown ones with unsupportedSort."""
+    order = []
+    for comparator in comparators:
+        column = spec.sorts.get(comparator["property"])
+        if column is None:
+            raise MethodError("unsupportedSort", f"cannot sort by {comparator['property']!r}")
+        direction = "ASC" if comparator.get("isAscending", True) else "DESC"
+        collation = comparator.get("collation", "i;unicode-casemap")
+        if collation not in SQL_COLLATION:
+            raise MethodError("unsupportedSort", f"unknown collation {collation!r}")
+        if column[1]:  # a string: the collation applies (RFC 8620 §5.5)
+            term = peewee.NodeList((column[0], peewee.SQL(f"COLLATE {SQL_COLLATION[collation]}")))
+        else:
+            term = column[0]
+        order.append(peewee.Ordering(term, direction))
+    return order
+
+
+# ---- /queryChanges (RFC 8620 §5.6) ----
+
+
+def method_query_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
+    """Tell how a query's results changed since a query state (RFC 8620 §5.6).
+
+    An object's membership and position depend only on its own properties, so every
+    object changed since the old state is "removed" and, if it matches now, "added"
+    back at its new index; this is exact for such queries.
+    """
+    args = take_args(raw_args, {**QUERY_CHANGES_ARGS, **spec.query_args})
+    if args["maxChanges"] == 0:
+        raise MethodError("invalidArguments", "maxChanges must be greater than 0")
+    since = _since_modseq(spec, ctx, args["sinceQueryState"])
+    if not spec.can_calculate_changes(args):
+        raise MethodError("cannotCalculateChanges", "this query cannot report changes")
+    pks = query_results(spec, ctx, args)
+    model = spec.model
+    changed = {
+        pk: created
+        for pk, created in model.select(model.pk, model.created_modseq)
+        .where((model.account_pk == ctx.account.pk) & (model.updated_modseq > since))
+        .tuples()
+    }
+    removed = [spec.id_of(pk) for pk, created in sorted(changed.items()) if created <= since]
+    added = [
+        {"id": spec.id_of(pk), "index": index} for index, pk in enumerate(pks) if pk in changed
+    ]
+    if args["maxChanges"] is not None and len(removed) + len(added) > args["maxChanges"]:
+        raise MethodError("tooManyChanges", "more changes than maxChanges")
+    response = {
+        "accountId": ctx.account.id,
+        "oldQueryState": args["sinceQueryState"],
+        "newQueryState": spec.state(ctx),
+        "removed": removed,
+        "added": added,
+    }
+    if args["calculateTotal"]:
+        response["total"] = len(pks)
+    return response
+
+
+# =============================================================================
+# 6.4 CORE/ECHO
+#     RFC 8620 §4: the arguments come back unchanged.
+# =============================================================================
+
+
+@jmap_method("Core/echo", CAP_CORE, takes_account=False)
+def core_echo(ctx: Call, args: dict) -> dict:
+    """Return the arguments unchanged (RFC 8620 §4)."""
+    return args
+
+
+# =============================================================================
+# 6.5 CHANGE BUS
+#     After each commit the account's type states are published here. Commits by
+#     other processes (deliver, import, user) are noticed by a watcher thread through
+#     PRAGMA data_version on its own connection. EventSource and WebSocket push wait
+#     on it. API: notify(account_pk), refresh(), states(account_pk), wait(...).
+# =============================================================================
+
+
+class ChangeBus:
+    """Per-account type states and a condition to wait for them to change."""
+
+    POLL_SECONDS = 0.2
+
+    def __init__(self):
+        self.states_lock = threading.Condition()
+        self.states: dict[int, dict[str, str]] = {}
+        self.versions: dict[int, int] = {}
+        self.stopping = threading.Event()
+        self.watcher: threading.Thread | None = None
+
+    def refresh(self) -> set:
+        """Re-read every account's type states; wake waiters of those that changed."""
+        current: dict[int, dict[str, str]] = {}
+        rows = TypeState.select(TypeState.account_pk, TypeState.type_name, TypeState.modseq)
+        for account_pk, type_name, modseq in rows.tuples():
+            current.setdefault(account_pk, {})[type_name] = state_string(modseq)
+        with self.states_lock:
+            changed = {pk for pk in current if current[pk] != self.states.get(pk)}
+            self.states = current
+            for pk in changed:
+                self.versions[pk] = self.versions.get(pk, 0) + 1
+            if changed:
+                self.states_lock.notify_all()
+        return changed
+
+    def notify(self, account_pk: int) -> None:
+        """Publish after a commit in this process."""
+        self.refresh()
+
+    def snapshot(self, account_pk: int) -> tuple[int, dict]:
+        """Return (version, {type: state}) for an account."""
+        with self.states_lock:
+            return self.versions.get(account_pk, 0), dict(self.states.get(account_pk, {}))
+
+    def wait(self, account_pk: int, seen_version: int, timeout_s: float) -> tuple[int, dict]:
+        """Block until the account's version passes seen_version or the timeout ends."""
+        deadline = time.monotonic() + timeout_s
+        with self.states_lock:
+            while self.versions.get(account_pk, 0) == seen_version and not self.stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.states_lock.wait(remaining)
+            return self.versions.get(account_pk, 0), dict(self.states.get(account_pk, {}))
+
+    def start_watcher(self, data_dir: str) -> None:
+        """Watch for commits by other processes (PRAGMA data_version on a private connection)."""
+        import sqlite3  # lazy: only serve needs the watcher's private connection
+
+        def watch():
+            conn = sqlite3.connect(db_path(data_dir), timeout=BUSY_TIMEOUT_MS / 1000)
+            last = None
+            try:
+                while not self.stopping.wait(self.POLL_SECONDS):
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if version != last:
+                        last = version
+                        self._refresh_logged()
+            finally:
+                conn.close()
+
+        self.refresh()
+        self.watcher = threading.Thread(target=watch, name="change-bus", daemon=True)
+        self.watcher.start()
+
+    def _refresh_logged(self) -> None:
+        try:
+            self.refresh()
+        except peewee.OperationalError as exc:
+            log.warning("change bus: %s", exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.states_lock:
+            self.states_lock.notify_all()
+
+
+# =============================================================================
+# 7 MAIL
+# =============================================================================
+
+# =============================================================================
+# 7.2 MAILBOX
+#     RFC 8621 §2 on the generic machine: the declaration, the tree rules (no
+#     cycles, unique sibling names, depth), role rules, sortAsTree/filterAsTree,
+#     and count-only changes reported through updatedProperties (§2.2).
+# =============================================================================
+
+MAILBOX_COUNT_PROPS = ["totalEmails", "unreadEmails", "totalThreads", "unreadThreads"]
+MAILBOX_RIGHTS = (
+    "mayReadItems", "mayAddItems", "mayRemoveItems", "maySetSeen", "maySetKeywords",
+    "mayCreateChild", "mayRename", "mayDelete", "maySubmit",
+)
+
+
+def _mailbox_name(value: str) -> str:
+    value = unicodedata.normalize("NFC", value)  # Net-Unicode (RFC 8621 §2)
+    if not value or not is_net_unicode(value):
+        raise ValueError("a name is non-empty and has no control characters")
+    return value
+
+
+def _mailbox_role(value: str) -> str:
+    if value not in MAILBOX_ROLES:
+        raise ValueError(f"unknown role {value!r}")
+    return value
+
+
+def _filter_mailbox_parent(ctx, value):
+    if value is None:
+        return Mailbox.parent_pk.is_null()
+    pk = pk_from_id(MailboxType.id_prefix, resolve_creation_id(ctx, a_id(value)))
+    return Mailbox.parent_pk == (pk or -1)
+
+
+def _filter_mailbox_name(ctx, value):
+    needle = _sql_casefold(a_str(value))
+    return peewee.fn.instr(peewee.fn.jmap_casefold(Mailbox.name), needle) > 0
+
+
+def _filter_mailbox_role(ctx, value):
+    return Mailbox.role.is_null() if value is None else Mailbox.role == a_str(value)
+
+
+def _filter_mailbox_has_any_role(ctx, value):
+    return Mailbox.role.is_null(not a_bool(value))
+
+
+def _filter_mailbox_subscribed(ctx, value):
+    return Mailbox.is_subscribed == a_bool(value)
+
+
+@register_type
+class MailboxType(TypeSpec):
+    """Mailbox (RFC 8621 §2)."""
+
+    name, capability, model, id_prefix = "Mailbox", CAP_MAIL, Mailbox, "M"
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "name": Prop("str", "name", max_len=MAX_SIZE_MAILBOX_NAME, check=_mailbox_name),
+        "parentId": Prop("id", "parent_pk", default=None, nullable=True, ref="Mailbox"),
+        "role": Prop("str", "role", default=None, nullable=True, check=_mailbox_role),
+        "sortOrder": Prop("uint", "sort_order", default=0, max_value=MAX_SORT_ORDER),
+        "totalEmails": Prop("uint", "total_emails", server_set=True),
+        "unreadEmails": Prop("uint", "unread_emails", server_set=True),
+        "totalThreads": Prop("uint", "total_threads", server_set=True),
+        "unreadThreads": Prop("uint", "unread_threads", server_set=True),
+        "myRights": Prop("object", server_set=True),
+        "isSubscribed": Prop("bool", "is_subscribed", default=True),
+    }
+    filters = {
+        "parentId": _filter_mailbox_parent,
+        "name": _filter_mailbox_name,
+        "role": _filter_mailbox_role,
+        "hasAnyRole": _filter_mailbox_has_any_role,
+        "isSubscribed": _filter_mailbox_subscribed,
+    }
+    sorts = {"sortOrder": (Mailbox.sort_order, False), "name": (Mailbox.name, True)}
+    set_args = {"onDestroyRemoveEmails": (a_bool, False)}
+    query_args = {"sortAsTree": (a_bool, False), "filterAsTree": (a_bool, False)}
+
+    def compute(self, ctx, row, name):
+        assert name == "myRights"
+        rights = dict.fromkeys(MAILBOX_RIGHTS, not ctx.read_only)
+        rights["mayReadItems"] = True
+        if row.role == "inbox":  # mail is delivered here: it stays, under its name
+            rights["mayRename"] = rights["mayDelete"] = False
+        return rights
+
+    def validate(self, ctx, values, row):
+        """Enforce the tree and role rules (RFC 8621 §2)."""
+        parent_pk = pk_from_id(self.id_prefix, values["parentId"]) if values["parentId"] else None
+        if row is not None and row.role == "inbox" and values["name"] != row.name:
+            raise SetError("forbidden", "the Inbox cannot be renamed")
+        if row is not None and parent_pk is not None and self._is_descendant(parent_pk, row.pk):
+            raise invalid_properties(["parentId"], "a Mailbox cannot be its own ancestor")
+        if self._depth(parent_pk) >= MAX_MAILBOX_DEPTH:
+            raise invalid_properties(["parentId"], f"deeper than {MAX_MAILBOX_DEPTH} levels")
+        siblings = self.live(ctx).where(
+            Mailbox.parent_pk.is_null() if parent_pk is None else Mailbox.parent_pk == parent_pk
+        )
+        if row is not None:
+            siblings = siblings.where(Mailbox.pk != row.pk)
+        if any(s.name == values["name"] for s in siblings):
+            raise invalid_properties(["name"], "a sibling Mailbox has this name")
+        if values["role"] is not None:
+            clash = self.live(ctx).where(Mailbox.role == values["role"])
+            if row is not None:
+                clash = clash.where(Mailbox.pk != row.pk)
+            if clash.exists():
+                raise invalid_properties(["role"], "another Mailbox has this role")
+        if row is not None and row.role == "inbox" and values["role"] != "inbox":
+            raise SetError("forbidden", "the Inbox keeps its role")
+
+    def _is_descendant(self, pk: int, ancestor_pk: int) -> bool:
+        seen = set()
+        while pk is not None and pk not in seen:
+            if pk == ancestor_pk:
+                return True
+            seen.add(pk)
+            pk = Mailbox.select(Mailbox.parent_pk).where(Mailbox.pk == pk).scalar()
+        return False
+
+    def _depth(self, pk: int | None) -> int:
+        depth = 0
+        while pk is not None and depth <= MAX_MAILBOX_DEPTH:
+            depth += 1
+            pk = Mailbox.select(Mailbox.parent_pk).where(Mailbox.pk == pk).scalar()
+        return depth
+
+    def on_destroy(self, ctx, row, args):
+        """Refuse to orphan children or lose mail (RFC 8621 §2.5)."""
+        if row.role == "inbox":
+            raise SetError("forbidden", "the Inbox cannot be destroyed")
+        if self.live(ctx).where(Mailbox.parent_pk == row.pk).exists():
+            raise SetError("mailboxHasChild", "destroy or move the child Mailboxes first")
+        if row.total_emails and not args["onDestroyRemoveEmails"]:
+            raise SetError("mailboxHasEmail", "the Mailbox is not empty")
+        # TODO(RFC 8621 §2.5): onDestroyRemoveEmails removes the Emails once Email exists.
+
+    def query_order(self, ctx, args, pks):
+        if not (args.get("sortAsTree") or args.get("filterAsTree")):
+            return pks
+        parents = dict(
+            self.live(ctx).select(Mailbox.pk, Mailbox.parent_pk).tuples()
+        )
+        if args.get("filterAsTree"):
+            pks = _mailbox_filter_as_tree(pks, parents)
+        if args.get("sortAsTree"):
+            pks = _mailbox_sort_as_tree(pks, parents)
+        return pks
+
+    def can_calculate_changes(self, args):
+        # A parent's change moves its whole subtree, which the generic algorithm misses.
+        return not (args.get("sortAsTree") or args.get("filterAsTree"))
+
+    def change_column(self):
+        return peewee.fn.MAX(Mailbox.updated_modseq, Mailbox.counts_modseq)
+
+    def changes_extra(self, ctx, since, rows):
+        """updatedProperties: only the counts changed (RFC 8621 §2.2)."""
+        updated = [r for r in rows if r.created_modseq <= since and not r.destroyed]
+        counts_only = updated and all(r.updated_modseq <= since for r in updated)
+        return {"updatedProperties": list(MAILBOX_COUNT_PROPS) if counts_only else None}
+
+
+def _mailbox_filter_as_tree(pks: list, parents: dict) -> list:
+    """Keep a Mailbox only if all its ancestors matched too (RFC 8621 §2.3)."""
+    matched = set(pks)
+
+    def ancestors_match(pk):
+        parent = parents.get(pk)
+        while parent is not None:
+            if parent not in matched:
+                return False
+            parent = parents.get(parent)
+        return True
+
+    return [pk for pk in pks if ancestors_match(pk)]
+
+
+def _mailbox_sort_as_tree(pks: list, parents: dict) -> list:
+    """Order parents before children, siblings by the sort (RFC 8621 §2.3)."""
+    rank = {pk: i for i, pk in enumerate(pks)}
+    children: dict = {}
+    roots = []
+    for pk in pks:
+        parent = parents.get(pk)
+        if parent in rank:
+            children.setdefault(parent, []).append(pk)
+        else:
+            roots.append(pk)  # parent filtered out: placed at top level
+    out = []
+
+    def walk(pk):
+        out.append(pk)
+        for child in sorted(children.get(pk, []), key=rank.get):
+            walk(child)
+
+    for root in roots:
+        walk(root)
+    return out
+
+
+def mailbox_create_defaults(changes: ChangeLog, account_pk: int) -> None:
+    """Create the standard role Mailboxes every account starts with."""
+    for name, role, sort_order in DEFAULT_MAILBOXES:
+        row = Mailbox(account_pk=account_pk, name=name, role=role, sort_order=sort_order)
+        record_change(changes, "Mailbox", row, "created")
+
+
+# =============================================================================
+# 13 HTTP ROUTES
+#    make_app(cfg) -> App, whose .wsgi is a bottle.Bottle(): /.well-known/jmap,
+#    /jmap/session, /jmap/api/. Every error is an RFC 7807 problem document; a
+#    401 carries WWW-Authenticate. X-Forwarded-* are never read here.
+# =============================================================================
+
+HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+NO_STORE = "no-cache, no-store, must-revalidate"  # RFC 8620 §2
+PROBLEM_TYPE = "application/problem+json"  # RFC 7807 §3
+
+
+class App:
+    """The running server's state: configuration, clock, auth, change bus, counters."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.clock = Clock(cfg.test_now)
+        self.auth = Authenticator(cfg.test_cheap_hashing, self.clock)
+        self.bus = ChangeBus()
+        self.capabilities = {CAP_CORE, CAP_MAIL}
+        self.inflight_lock = threading.Lock()
+        self.inflight: dict[int, int] = {}
+        self.wsgi = http_routes(self)
+
+    def accessible_accounts(self, user: Account) -> dict:
+        """Map account id -> (Account, read_only) for every account the user may use."""
+        return {user.id: (user, False)}
+
+    def session_state_for(self, user: Account) -> str:
+        return session_resource(self, user, "")["state"]
+
+    def base_url(self, environ: dict) -> str:
+        """The external base URL: --public-url, else what the client asked for."""
+        if self.cfg.public_url:
+            return self.cfg.public_url
+        host = environ.get("HTTP_HOST", "")
+        if not HOST_RE.match(host):
+            name, port = self.cfg.listen
+            host = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+        return f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+
+
+def make_app(cfg: Config) -> App:
+    """Build the application for a configuration (the database must be open)."""
+    return App(cfg)
+
+
+def http_problem(status: int, kind: str, detail: str, **extra) -> bottle.HTTPResponse:
+    """An RFC 7807 problem document response."""
+    body = {"type": kind, "status": status, "detail": detail, **extra}
+    return bottle.HTTPResponse(json_dumps(body), status, {"Content-Type": PROBLEM_TYPE})
+
+
+def http_json(obj, status: int = 200, **headers) -> bottle.HTTPResponse:
+    headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE, **headers}
+    return bottle.HTTPResponse(json_dumps(obj), status, headers)
+
+
+def http_user(app: App) -> Account:
+    """Authenticate the request or abort with 401 (RFC 7235 challenge)."""
+    header = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
+    scheme, _, credentials = header.partition(" ")
+    account = None
+    if scheme.lower() == "basic":
+        account = app.auth.check_basic(credentials.strip())
+    if account is None:
+        problem = http_problem(401, "about:blank", "authentication required")
+        problem.set_header("WWW-Authenticate", 'Basic realm="jmapd", charset="UTF-8"')
+        raise problem
+    return account
+
+
+def http_read_body(app: App, limit: int, limit_name: str) -> bytes:
+    """Read the request body, refusing more than `limit` octets with a JMAP limit error."""
+    environ = bottle.request.environ
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared.isdigit() and int(declared) > limit:
+        raise _limit_problem(limit_name, f"the request is larger than {limit} octets")
+    body = environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        raise _limit_problem(limit_name, f"the request is larger than {limit} octets")
+    return body
+
+
+def _limit_problem(limit_name: str, detail: str) -> bottle.HTTPResponse:
+    return http_problem(400, PROBLEM_PREFIX + "limit", detail, limit=limit_name)
+
+
+class _RequestSlot:
+    """Count a user's requests in flight against maxConcurrentRequests (RFC 8620 §2)."""
+
+    def __init__(self, app: App, user: Account):
+        self.app, self.user = app, user
+
+    def __enter__(self):
+        with self.app.inflight_lock:
+            count = self.app.inflight.get(self.user.pk, 0)
+            if count >= self.app.cfg.max_concurrent_requests:
+                raise _limit_problem("maxConcurrentRequests", "too many concurrent requests")
+            self.app.inflight[self.user.pk] = count + 1
+        return self
+
+    def __exit__(self, *exc):
+        with self.app.inflight_lock:
+            self.app.inflight[self.user.pk] -= 1
+        return False
+
+
+def http_routes(app: App) -> bottle.Bottle:
+    """Build the bottle application with every route."""
+    web = bottle.Bottle()
+    bottle.BaseRequest.MEMFILE_MAX = max(bottle.BaseRequest.MEMFILE_MAX, app.cfg.max_size_request)
+
+    @web.get("/.well-known/jmap")
+    def well_known():
+        # RFC 8620 §2.2: autodiscovery redirects to the session resource.
+        url = app.base_url(bottle.request.environ) + "/jmap/session"
+        return bottle.HTTPResponse("", 307, {"Location": url, "Cache-Control": NO_STORE})
+
+    @web.get("/jmap/session")
+    def session():
+        user = http_user(app)
+        return http_json(session_resource(app, user, app.base_url(bottle.request.environ)))
+
+    @web.post("/jmap/api")
+    @web.post("/jmap/api/")
+    def api():
+        return http_api(app)
+
+    for status in (404, 405, 500):
+        web.error(status)(functools.partial(_http_error_page, status))
+    return web
+
+
+def http_api(app: App) -> bottle.HTTPResponse:
+    """Handle one JMAP API request (RFC 8620 §3)."""
+    started = time.monotonic()
+    user = http_user(app)
+    with _RequestSlot(app, user):
+        raw_body = http_read_body(app, app.cfg.max_size_request, "maxSizeRequest")
+        try:
+            response = engine_run(app, user, raw_body)
+        except RequestError as exc:
+            log.info("api %s: %s", user.username, exc.kind)
+            return bottle.HTTPResponse(
+                json_dumps(exc.as_json()), exc.status, {"Content-Type": PROBLEM_TYPE}
+            )
+    names = ",".join(r[0] for r in response["methodResponses"])
+    log.info("api %s [%s] %.1f ms", user.username, names, (time.monotonic() - started) * 1000)
+    return http_json(response)
+
+
+def _http_error_page(status: int, error) -> str:
+    bottle.response.content_type = PROBLEM_TYPE
+    detail = {404: "no such resource", 405: "method not allowed"}.get(status, "server error")
+    if status == 500:
+        log.error("unhandled error: %s", getattr(error, "exception", error))
+    return json_dumps({"type": "about:blank", "status": status, "detail": detail})
+
+
+# =============================================================================
+# 14 CLI COMMANDS AND MAIN
+#    serve, user add|passwd|del|list. Only serve and user add create a data
+#    directory. Exit status: 0 ok, 1 the command failed, 2 bad usage/configuration.
+# =============================================================================
+
+
+class CommandError(Exception):
+    """A command could not do what was asked; main() prints it and exits 1."""
+
+
+def cli_read_password(cfg: Config, stdin) -> str:
+    """Read a new password from stdin (--password-stdin) or a terminal prompt, never argv."""
+    if cfg.password_stdin:
+        password = stdin.readline()
+        if password.endswith("\n"):
+            password = password[:-1]  # one trailing newline only
+        if password.endswith("\r"):
+            password = password[:-1]
+    else:
+        if not stdin.isatty():
+            raise CommandError("no terminal to prompt on: pass the password with --password-stdin")
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise CommandError("the passwords differ")
+    if not password:
+        raise CommandError("the password is empty")
+    return password
+
+
+def account_create(auth: Authenticator, username: str, password: str, now: float) -> Account:
+    """Create an account with its standard Mailboxes in one transaction."""
+    password_hash = auth.hash_password(password)
+    with db.atomic("IMMEDIATE"):
+        if Account.select().where(Account.username == username).exists():
+            raise CommandError(f"user {username} already exists")
+        account = Account.create(
+            username=username, password_hash=password_hash, created_at=int(now)
+        )
+        changes = ChangeLog(account.pk, now)
+        mailbox_create_defaults(changes, account.pk)
+        changes.flush()
+    return account
+
+
+def account_has_mail(account: Account) -> bool:
+    total = (
+        Mailbox.select(peewee.fn.SUM(Mailbox.total_emails))
+        .where((Mailbox.account_pk == account.pk) & ~Mailbox.destroyed)
+        .scalar()
+    )
+    return bool(total)
+
+
+def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
+    """Run `user add|passwd|del|list`."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    action = cfg.command.split()[1]
+    db_open(cfg.data_dir, create=action == "add")
+    clock = Clock(cfg.test_now)
+    if action == "list":
+        for account in Account.select().order_by(Account.username):
+            print(account.username, file=stdout)
+        return 0
+    try:
+        username = auth_normalise_username(cfg.username)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    auth = Authenticator(cfg.test_cheap_hashing, clock)
+    if action == "add":
+        account_create(auth, username, cli_read_password(cfg, stdin), clock.now())
+        print(f"user {username} added", file=stdout)
+        return 0
+    account = Account.get_or_none(Account.username == username)
+    if account is None:
+        raise CommandError(f"no user {username}")
+    if action == "passwd":
+        account.password_hash = auth.hash_password(cli_read_password(cfg, stdin))
+        account.save()
+        print(f"password of {username} changed", file=stdout)
+        return 0
+    with db.atomic("IMMEDIATE"):
+        if account_has_mail(account) and not cfg.purge:
+            raise CommandError(f"{username} has mail; add --purge to delete it with the account")
+        Account.delete().where(Account.pk == account.pk).execute()
+    print(f"user {username} deleted", file=stdout)
+    return 0
+
+
+def serve_first_user(app: App) -> None:
+    """On a first start at a terminal, ask for the first user; otherwise say how to add one."""
+    if Account.select().exists():
+        return
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        log.warning("no users yet: add one with 'jmapd.py user add ADDRESS --data-dir %s'",
+                    app.cfg.data_dir)
+        return
+    print("No users yet. Create the first one (the username is an e-mail address).",
+          file=sys.stderr)
+    while True:
+        try:
+            username = auth_normalise_username(input("E-mail address: "))
+            password = cli_read_password(dataclasses.replace(app.cfg, password_stdin=False),
+                                         sys.stdin)
+        except (ValueError, CommandError) as exc:
+            print(exc, file=sys.stderr)
+            continue
+        account_create(app.auth, username, password, app.clock.now())
+        print(f"user {username} added; log in with it from your JMAP client", file=sys.stderr)
+        return
+
+
+def serve_bind(cfg: Config) -> socket.socket:
+    host, port = cfg.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(128)
+    return sock
+
+
+def serve_housekeeping(app: App) -> None:
+    """Purge tombstones past the horizon (RFC 8620 §5.2 keeps 30 days at least)."""
+    models = {spec.name: spec.model for spec in TYPES.values()}
+    purged = db_purge_tombstones(models, app.cfg.changes_horizon_days, app.clock.now())
+    if purged:
+        log.info("purged %d tombstones older than %d days", purged, app.cfg.changes_horizon_days)
+
+
+def cmd_serve(cfg: Config) -> int:
+    """Run the server until SIGTERM or SIGINT."""
+    started = time.monotonic()
+    db_open(cfg.data_dir, create=True)
+    app = make_app(cfg)
+    log.info("configuration: %s", cfg.masked())
+    if cfg.listen[0] not in ("127.0.0.1", "::1", "localhost") and not cfg.public_url:
+        log.warning("listening beyond loopback without --public-url; put TLS in front of jmapd")
+    serve_first_user(app)
+    serve_housekeeping(app)
+    sock = serve_bind(cfg)
+    app.bus.start_watcher(cfg.data_dir)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("jmapd %s listening on http://%s:%d/ (ready in %.0f ms)",
+             __version__, shown, port, (time.monotonic() - started) * 1000)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        waitress_serve(app.wsgi, sockets=[sock], threads=cfg.threads)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        app.bus.stop()
+        db.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run a command; return the exit status."""
+    try:
+        cfg = cfg_from_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"jmapd: {exc}", file=sys.stderr)
+        return 2
+    logging_setup(cfg.log_level)
+    try:
+        if cfg.command == "serve":
+            return cmd_serve(cfg)
+        return cmd_user(cfg)
+    except (ConfigError, DataDirMissing) as exc:
+        print(f"jmapd: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"jmapd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
