@@ -22,13 +22,14 @@ INDEX
     4.1 Database and pragmas
     4.2 Models
     4.3 Migrations
+    4.4 Blob store
     4.5 Change log and state
     5   Auth and the session resource
     6   JMAP core
     6.1 Errors
     6.2 Request engine and result references
     6.3 Generic type machine
-    6.4 Core/echo
+    6.4 Core/echo and Blob/copy
     6.5 Change bus
     7   Mail
     7.2 Mailbox
@@ -111,19 +112,50 @@ def argon2_hasher(time_cost: int, memory_kib: int, parallelism: int) -> argon2.P
     )
 
 
-def waitress_serve(app, *, sockets: list, threads: int, on_server=None) -> None:
-    """Run waitress on already-bound sockets (waitress 2.1 and 3.x both take `sockets`)."""
-    server = waitress.create_server(
+def waitress_server(app, *, sockets: list, threads: int, max_body: int):
+    """Create a waitress server on already-bound sockets (same call in waitress 2.1 and 3.x)."""
+    return waitress.create_server(
         app,
         sockets=sockets,
         threads=threads,
         ident="jmapd",
-        clear_untrusted_proxy_headers=True,
         channel_timeout=300,
+        max_request_body_size=max_body,
     )
-    if on_server:
-        on_server(server)
-    server.run()
+
+
+def waitress_run_until(server, stopping: threading.Event, on_stop: Callable) -> None:
+    """Run waitress's loop until `stopping`; then stop accepting and let requests finish.
+
+    waitress's own run() ends the loop at once on a signal, dropping responses that
+    worker threads are still writing; here the loop goes on until they are sent.
+    wasyncore, `_map`/`map`, `task_dispatcher` and `total_outbufs_len` exist in 2.1 and 3.x.
+    """
+    from waitress import wasyncore  # lazy: serve only
+
+    channels = getattr(server, "_map", None) or server.map
+    deadline = None
+    while True:
+        wasyncore.loop(timeout=0.2, map=channels, count=1)
+        if not stopping.is_set():
+            continue
+        if deadline is None:
+            deadline = time.monotonic() + DRAIN_SECONDS
+            for listener in [c for c in channels.values() if hasattr(c, "accepting") and c.accepting]:
+                wasyncore.dispatcher.close(listener)  # stop accepting; keep the loop's trigger
+            on_stop()
+        if _waitress_idle(server, channels) or time.monotonic() > deadline:
+            break
+    server.task_dispatcher.shutdown(timeout=5)
+    wasyncore.close_all(channels)
+
+
+def _waitress_idle(server, channels: dict) -> bool:
+    dispatcher = server.task_dispatcher
+    if dispatcher.queue or dispatcher.active_count:
+        return False
+    return not any(getattr(c, "requests", None) or getattr(c, "total_outbufs_len", 0)
+                   for c in channels.values())
 
 
 # =============================================================================
@@ -153,6 +185,7 @@ MAX_QUERY_LIMIT = 5000  # /query results per call; a larger limit is clamped (RF
 MAX_RESULT_REFERENCE_DEPTH = 32
 CHANGES_HORIZON_DAYS_MIN = 30  # RFC 8620 §5.2 via the checklist: states up to 30 days old
 AUTH_CACHE_SECONDS = 120
+DRAIN_SECONDS = 30  # how long SIGTERM waits for requests in flight
 COLLATIONS = ("i;unicode-casemap", "i;ascii-casemap", "i;octet")
 
 # IANA "IMAP Mailbox Name Attributes" that are roles (RFC 8621 §2, RFC 8457).
@@ -422,6 +455,7 @@ class Opt:
     secret: bool = False
     hidden: bool = False
     action: str | None = None
+    nargs: str | None = None
 
     @property
     def dest(self) -> str:
@@ -435,6 +469,9 @@ OPTIONS = (
     Opt("--log-level", "INFO", conv_level, "debug, info, warning or error", (GLOBAL,)),
     Opt("--listen", "127.0.0.1:8080", conv_listen, "HOST:PORT to serve HTTP on ([::1]:8080)"),
     Opt("--public-url", None, conv_url, "external base URL (https://mail.example.com)"),
+    Opt("--unix-socket", None, str, "also serve HTTP on this Unix socket (for a local proxy)"),
+    Opt("--trusted-proxy", (), str, "addresses whose X-Forwarded-For/-Proto/-Host are honoured",
+        nargs="+"),
     Opt("--threads", 8, conv_positive, "waitress worker threads"),
     Opt("--max-size-upload", 50_000_000, conv_positive, "maxSizeUpload in octets"),
     Opt("--max-concurrent-upload", 4, conv_positive, "maxConcurrentUpload"),
@@ -444,6 +481,10 @@ OPTIONS = (
     Opt("--max-objects-in-get", 500, conv_positive, "maxObjectsInGet"),
     Opt("--max-objects-in-set", 500, conv_positive, "maxObjectsInSet"),
     Opt("--changes-horizon-days", 60, conv_horizon, "keep destroyed-record tombstones this long"),
+    Opt("--max-login-failures-per-address", 10, conv_positive,
+        "failed logins from one address per 15 minutes before it must wait"),
+    Opt("--max-login-failures-per-user", 30, conv_positive,
+        "failed logins for one user per 15 minutes before it must wait"),
     Opt("--password-stdin", False, None, "read the password from stdin",
         ("user add", "user passwd"), action="store_true"),
     Opt("--purge", False, None, "delete the account even if it holds data",
@@ -472,6 +513,13 @@ class Config:
     max_objects_in_get: int = 500
     max_objects_in_set: int = 500
     changes_horizon_days: int = 60
+    unix_socket: str | None = None
+    trusted_proxy: tuple = ()
+    max_login_failures_per_address: int = 10
+    max_login_failures_per_user: int = 30
+    label: str | None = None
+    token_id: str | None = None
+    path: str | None = None
     password_stdin: bool = False
     purge: bool = False
     test_cheap_hashing: bool = False
@@ -518,6 +566,8 @@ def _add_options(parser: argparse.ArgumentParser, command: str, top: bool) -> No
         else:
             continue
         kwargs = {"default": default, "help": opt.help, "dest": opt.dest}
+        if opt.nargs:
+            kwargs["nargs"] = opt.nargs
         if opt.action:
             kwargs["action"] = opt.action
         elif opt.conv:
@@ -525,39 +575,61 @@ def _add_options(parser: argparse.ArgumentParser, command: str, top: bool) -> No
         parser.add_argument(opt.flag, **kwargs)
 
 
+COMMANDS = (
+    # (command, help, positional arguments (dest, metavar, help))
+    ("serve", "run the server", ()),
+    ("user add", "create a user (the username is an e-mail address)",
+     (("username", "ADDRESS", "the user's e-mail address"),)),
+    ("user passwd", "change a user's password", (("username", "ADDRESS", "the user"),)),
+    ("user del", "delete a user and their data", (("username", "ADDRESS", "the user"),)),
+    ("user list", "list users", ()),
+    ("user token add", "create an app password for a device (printed once)",
+     (("username", "ADDRESS", "the user"), ("label", "LABEL", "what the device is"))),
+    ("user token list", "list a user's app passwords", (("username", "ADDRESS", "the user"),)),
+    ("user token revoke", "revoke an app password",
+     (("username", "ADDRESS", "the user"), ("token_id", "ID", "the app password's id"))),
+    ("backup", "copy the database and blobs to DEST while the server runs",
+     (("path", "DEST", "a new or empty directory"),)),
+    ("restore", "make a data directory from a backup", (("path", "SRC", "a backup directory"),)),
+    ("check", "verify the data directory: schema, every blob present and intact", ()),
+)
+
+
 def cfg_parser() -> argparse.ArgumentParser:
-    """Build the argparse parser for every command from OPTIONS."""
+    """Build the argparse parser for every command from OPTIONS and COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="jmapd.py", description="A personal JMAP server (RFC 8620, RFC 8621)."
     )
     parser.add_argument("--version", action="version", version=f"jmapd {__version__}")
     _add_options(parser, "", top=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    serve = commands.add_parser("serve", help="run the server")
-    _add_options(serve, "serve", top=False)
-    user = commands.add_parser("user", help="manage users")
-    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
-    for action, text in (
-        ("add", "create a user (the username is an e-mail address)"),
-        ("passwd", "change a user's password"),
-        ("del", "delete a user and their data"),
-        ("list", "list users"),
-    ):
-        sub = user_commands.add_parser(action, help=text)
-        if action != "list":
-            sub.add_argument("username", metavar="ADDRESS")
-        _add_options(sub, f"user {action}", top=False)
+    groups = {"": parser.add_subparsers(dest="command", metavar="COMMAND", required=True)}
+    parsers = {}
+    for command, text, positionals in COMMANDS:
+        words = command.split()
+        for depth in range(1, len(words)):  # intermediate groups: user, user token
+            group = " ".join(words[:depth])
+            if group not in groups:
+                parent = groups[" ".join(words[: depth - 1])]
+                sub = parent.add_parser(words[depth - 1], help=f"{group} commands")
+                parsers[group] = sub
+                groups[group] = sub.add_subparsers(dest=f"command_{depth}", metavar="ACTION",
+                                                   required=True)
+        sub = groups[" ".join(words[:-1])].add_parser(words[-1], help=text, description=text)
+        for dest, metavar, arg_help in positionals:
+            sub.add_argument(dest, metavar=metavar, help=arg_help)
+        _add_options(sub, command, top=False)
     return parser
 
 
 def cfg_from_args(argv: list[str]) -> Config:
     """Parse the command line into a Config (argparse exits 2 on a bad option)."""
     ns = cfg_parser().parse_args(argv)
-    command = ns.command
-    if command == "user":
-        command = f"user {ns.user_command}"
+    words = [ns.command] + [getattr(ns, f"command_{d}") for d in (1, 2) if hasattr(ns, f"command_{d}")]
+    command = " ".join(words)
     known = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in vars(ns).items() if k in known and k != "command"}
+    if isinstance(values.get("trusted_proxy"), list):
+        values["trusted_proxy"] = tuple(values["trusted_proxy"])
     return Config(command=command, **values)
 
 
@@ -717,6 +789,44 @@ class Mailbox(JmapRow):
     counts_modseq = peewee.IntegerField(default=0)
 
 
+class Blob(BaseModel):
+    """One stored blob file, named by its SHA-256."""
+
+    sha256 = peewee.TextField(primary_key=True)
+    size = peewee.IntegerField()
+    created_at = peewee.IntegerField()
+
+
+class BlobRef(BaseModel):
+    """Why an account may see a blob (RFC 8620 §6): an upload, an email, an attachment."""
+
+    pk = peewee.AutoField()
+    account_pk = peewee.IntegerField()
+    sha256 = peewee.TextField()
+    kind = peewee.TextField()  # upload, email, ...
+    owner_pk = peewee.IntegerField(null=True)  # the referencing row, if any
+    created_at = peewee.IntegerField()
+    expires_at = peewee.IntegerField(null=True)  # uploads not yet used by anything
+
+    class Meta:
+        table_name = "blob_ref"
+
+
+class AppPassword(BaseModel):
+    """A device's credential: `<public_id>.<secret>`, the secret argon2id-hashed."""
+
+    pk = peewee.AutoField()
+    account_pk = peewee.IntegerField()
+    public_id = peewee.TextField(unique=True)
+    label = peewee.TextField()
+    secret_hash = peewee.TextField()
+    created_at = peewee.IntegerField()
+    last_used_at = peewee.IntegerField(null=True)
+
+    class Meta:
+        table_name = "app_password"
+
+
 # =============================================================================
 # 4.3 MIGRATIONS
 #     Ordered, named functions, each run in one transaction with its version row.
@@ -761,7 +871,39 @@ def _migration_1_initial(database) -> None:
         database.execute_sql(statement)
 
 
-MIGRATIONS = ((1, "initial", _migration_1_initial),)
+def _migration_2_blobs_and_app_passwords(database) -> None:
+    for statement in (
+        """CREATE TABLE blob (
+            sha256 TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            created_at INTEGER NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE blob_ref (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL REFERENCES blob(sha256),
+            kind TEXT NOT NULL,
+            owner_pk INTEGER,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER)""",
+        "CREATE INDEX blob_ref_account ON blob_ref(account_pk, sha256)",
+        "CREATE INDEX blob_ref_sha ON blob_ref(sha256)",
+        "CREATE INDEX blob_ref_expiry ON blob_ref(expires_at) WHERE expires_at IS NOT NULL",
+        """CREATE TABLE app_password (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            public_id TEXT NOT NULL UNIQUE,
+            label TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            last_used_at INTEGER)""",
+    ):
+        database.execute_sql(statement)
+
+
+MIGRATIONS = (
+    (1, "initial", _migration_1_initial),
+    (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -796,6 +938,150 @@ def db_migrate(database) -> None:
                 (version, name, int(time.time())),
             )
         log.info("database migrated to schema %d (%s)", version, name)
+
+
+# =============================================================================
+# 4.4 BLOB STORE
+#     Content-addressed files blobs/ab/<sha256>, written temp -> fsync -> rename ->
+#     fsync the directory before any row refers to them. A BlobRef says which account
+#     may see a blob; download checks it, never a bare blobId (RFC 8620 §6).
+# =============================================================================
+
+BLOB_ID_PREFIX = "B"
+BLOB_COPY_CHUNK = 256 * 1024
+UPLOAD_TTL_SECONDS = 24 * 3600  # RFC 8620 §6: an unreferenced upload lives at least 1 hour
+ORPHAN_GRACE_SECONDS = 3600
+
+
+class BlobTooLarge(Exception):
+    """More octets arrived than the limit allows."""
+
+
+def blob_id(sha256: str) -> str:
+    return BLOB_ID_PREFIX + sha256
+
+
+def blob_sha_from_id(raw_blob_id) -> str | None:
+    """Return the hash a blobId names, or None if it is not one of ours."""
+    if not isinstance(raw_blob_id, str) or not raw_blob_id.startswith(BLOB_ID_PREFIX):
+        return None
+    sha = raw_blob_id[len(BLOB_ID_PREFIX) :]
+    return sha if re.fullmatch(r"[0-9a-f]{64}", sha) else None
+
+
+def blob_path(data_dir: str, sha256: str) -> str:
+    return os.path.join(data_dir, "blobs", sha256[:2], sha256)
+
+
+def blob_tmp_dir(data_dir: str) -> str:
+    """The spool directory: on the data disk, never a RAM /tmp."""
+    path = os.path.join(data_dir, "tmp")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def blob_store_stream(data_dir: str, source, max_bytes: int) -> tuple[str, int]:
+    """Copy a stream into the blob store; return (sha256, size). Raise BlobTooLarge."""
+    digest, size = hashlib.sha256(), 0
+    fd, tmp = _blob_tempfile(data_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                chunk = source.read(BLOB_COPY_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BlobTooLarge(f"more than {max_bytes} octets")
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        sha = digest.hexdigest()
+        _blob_install(data_dir, tmp, sha)
+        return sha, size
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def blob_store_bytes(data_dir: str, data: bytes) -> tuple[str, int]:
+    """Store bytes held in memory (small blobs: messages, generated parts)."""
+    import io  # lazy: only the in-memory path needs it
+
+    return blob_store_stream(data_dir, io.BytesIO(data), len(data))
+
+
+def _blob_tempfile(data_dir: str) -> tuple[int, str]:
+    path = os.path.join(blob_tmp_dir(data_dir), f"blob-{secrets.token_hex(8)}")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), path
+
+
+def _blob_install(data_dir: str, tmp: str, sha: str) -> None:
+    final = blob_path(data_dir, sha)
+    if os.path.exists(final):
+        return  # same content already stored: content addressing dedupes
+    folder = os.path.dirname(final)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+        _fsync_dir(os.path.dirname(folder))
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+
+
+def blob_add_ref(account_pk: int, sha256: str, size: int, kind: str, now: float,
+                 owner_pk: int | None = None, expires_at: float | None = None) -> None:
+    """Record that an account may see a stored blob (call inside a transaction)."""
+    Blob.insert(sha256=sha256, size=size, created_at=int(now)).on_conflict_ignore().execute()
+    BlobRef.create(account_pk=account_pk, sha256=sha256, kind=kind, owner_pk=owner_pk,
+                   created_at=int(now), expires_at=None if expires_at is None else int(expires_at))
+
+
+def blob_visible(account_pk: int, sha256: str, now: float, user_pk: int) -> Blob | None:
+    """Return the blob if the account holds a live reference to it for this user.
+
+    RFC 8620 §6.1: an upload nothing refers to yet is visible only to its uploader.
+    """
+    live_ref = BlobRef.select().where(
+        (BlobRef.account_pk == account_pk)
+        & (BlobRef.sha256 == sha256)
+        & (BlobRef.expires_at.is_null() | (BlobRef.expires_at > int(now)))
+        & ((BlobRef.kind != "upload") | (BlobRef.owner_pk == user_pk))
+    )
+    if not live_ref.exists():
+        return None
+    return Blob.get_or_none(Blob.sha256 == sha256)
+
+
+def blob_open(data_dir: str, sha256: str):
+    return open(blob_path(data_dir, sha256), "rb")
+
+
+def blob_purge(data_dir: str, now: float) -> tuple[int, int]:
+    """Drop expired upload references, then blobs nothing refers to (after a grace time)."""
+    with db.atomic("IMMEDIATE"):
+        refs = BlobRef.delete().where(BlobRef.expires_at <= int(now)).execute()
+        orphans = [
+            sha for (sha,) in Blob.select(Blob.sha256)
+            .where((Blob.created_at < int(now - ORPHAN_GRACE_SECONDS))
+                   & ~peewee.fn.EXISTS(BlobRef.select().where(BlobRef.sha256 == Blob.sha256)))
+            .tuples()
+        ]
+        Blob.delete().where(Blob.sha256.in_(orphans)).execute()
+    for sha in orphans:
+        try:
+            os.unlink(blob_path(data_dir, sha))
+        except FileNotFoundError:
+            pass
+    return refs, len(orphans)
 
 
 # =============================================================================
@@ -921,56 +1207,161 @@ def auth_normalise_username(raw_username: str) -> str:
     return username
 
 
-class Authenticator:
-    """Verify credentials, with a short-lived cache of successful verifications."""
+TOKEN_RE = re.compile(r"^([A-Za-z0-9_-]{8,32})\.([A-Za-z0-9_-]{16,128})$")  # <id>.<secret>
+LOGIN_WINDOW_SECONDS = 900
 
-    def __init__(self, cheap: bool, clock: Clock):
+
+class TooManyFailures(Exception):
+    """Too many failed logins from this address or for this user; try later."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("too many failed logins")
+        self.retry_after = retry_after
+
+
+class LoginLimiter:
+    """Count failed logins per client address and per username over a sliding window."""
+
+    def __init__(self, per_address: int, per_user: int):
+        self.limits = {"address": per_address, "user": per_user}
+        self.failures: dict[tuple, list[float]] = {}
+        self.failures_lock = threading.Lock()
+
+    def check(self, address: str, username: str | None) -> None:
+        """Raise TooManyFailures if either key is over its limit."""
+        now = time.monotonic()
+        with self.failures_lock:
+            for key in self._keys(address, username):
+                recent = self._recent(key, now)
+                if len(recent) >= self.limits[key[0]]:
+                    raise TooManyFailures(int(recent[0] + LOGIN_WINDOW_SECONDS - now) + 1)
+
+    def fail(self, address: str, username: str | None) -> None:
+        now = time.monotonic()
+        with self.failures_lock:
+            if len(self.failures) > 100_000:
+                self.failures.clear()  # bound memory under a flood of distinct keys
+            for key in self._keys(address, username):
+                self._recent(key, now).append(now)
+
+    def _keys(self, address, username):
+        keys = [("address", address)]
+        if username:
+            keys.append(("user", username))
+        return keys
+
+    def _recent(self, key, now) -> list[float]:
+        recent = [t for t in self.failures.get(key, []) if t > now - LOGIN_WINDOW_SECONDS]
+        self.failures[key] = recent
+        return recent
+
+
+class Authenticator:
+    """Verify passwords and app passwords, remembering successes briefly.
+
+    The cache key is an HMAC of the credentials under a per-process key; a hit still
+    checks that the stored hash is unchanged, so `user passwd` and `user token revoke`
+    (even from another process) take effect at once.
+    """
+
+    def __init__(self, cheap: bool, clock: Clock, limiter: LoginLimiter | None = None):
         self.hasher = argon2_hasher(*(ARGON2_CHEAP if cheap else ARGON2_PI))
         self.clock = clock
+        self.limiter = limiter or LoginLimiter(10**9, 10**9)
         self.cache_key = secrets.token_bytes(32)
-        self.cache: dict[bytes, tuple[int, str, float]] = {}
+        self.cache: dict[bytes, tuple[int, int | None, str, float]] = {}
         self.cache_lock = threading.Lock()
         self.dummy_hash = self.hasher.hash(secrets.token_hex(16))
 
     def hash_password(self, password: str) -> str:
         return self.hasher.hash(password)
 
-    def check_basic(self, header: str) -> Account | None:
-        """Return the account a `Basic` Authorization header proves, or None."""
+    def check_header(self, header: str, address: str) -> Account | None:
+        """Return the account an Authorization header proves, or None (Basic or Bearer)."""
+        scheme, _, credentials = header.partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer":
+            return self.check_credentials(None, credentials, address)
+        if scheme.lower() != "basic":
+            return None
         try:
-            decoded = base64.b64decode(header.encode("ascii"), validate=True).decode("utf-8")
+            decoded = base64.b64decode(credentials.encode("ascii"), validate=True).decode("utf-8")
         except (ValueError, UnicodeError):
             return None
         username, sep, password = decoded.partition(":")
         if not sep:
             return None
-        return self.check_password(username.strip().lower(), password)
+        return self.check_credentials(username.strip().lower(), password, address)
 
-    def check_password(self, username: str, password: str) -> Account | None:
-        key = hmac.new(self.cache_key, f"{username}\0{password}".encode(), "sha256").digest()
-        now = time.monotonic()
-        with self.cache_lock:
-            cached = self.cache.get(key)
-        if cached and cached[2] > now:
-            account = Account.get_or_none(Account.pk == cached[0])
-            if account and account.password_hash == cached[1]:
-                return account
-        account = Account.get_or_none(Account.username == username)
-        if not self._verify(account.password_hash if account else self.dummy_hash, password):
+    def check_credentials(self, username: str | None, secret: str, address: str):
+        """Verify a username and password or app password (username None: a Bearer token)."""
+        key = hmac.new(self.cache_key, f"{username}\0{secret}".encode(), "sha256").digest()
+        account = self._cached(key)
+        if account is not None:
+            return account
+        self.limiter.check(address, username)
+        found = self._verify_uncached(username, secret)
+        if found is None:
+            self.limiter.fail(address, username)
             return None
-        if account is None:
-            return None
+        account, token_pk, stored_hash = found
         with self.cache_lock:
             if len(self.cache) > 10_000:
                 self.cache.clear()
-            self.cache[key] = (account.pk, account.password_hash, now + AUTH_CACHE_SECONDS)
+            self.cache[key] = (account.pk, token_pk, stored_hash,
+                               time.monotonic() + AUTH_CACHE_SECONDS)
         return account
+
+    def _cached(self, key: bytes) -> Account | None:
+        with self.cache_lock:
+            cached = self.cache.get(key)
+        if not cached or cached[3] < time.monotonic():
+            return None
+        account_pk, token_pk, stored_hash, _ = cached
+        if token_pk is not None:
+            token = AppPassword.get_or_none(AppPassword.pk == token_pk)
+            if token is None or token.secret_hash != stored_hash:
+                return None
+            return Account.get_or_none(Account.pk == account_pk)
+        account = Account.get_or_none(Account.pk == account_pk)
+        return account if account and account.password_hash == stored_hash else None
+
+    def _verify_uncached(self, username, secret):
+        """Return (account, app password pk or None, the hash checked) or None."""
+        match = TOKEN_RE.match(secret)
+        token = AppPassword.get_or_none(AppPassword.public_id == match.group(1)) if match else None
+        if token is not None:
+            account = Account.get_or_none(Account.pk == token.account_pk)
+            if username is not None and (account is None or account.username != username):
+                self._verify(self.dummy_hash, secret)
+                return None
+            if not self._verify(token.secret_hash, match.group(2)):
+                return None
+            AppPassword.update(last_used_at=int(self.clock.now())).where(
+                AppPassword.pk == token.pk).execute()
+            return account, token.pk, token.secret_hash
+        if username is None:  # a Bearer token that names no app password
+            self._verify(self.dummy_hash, secret)
+            return None
+        account = Account.get_or_none(Account.username == username)
+        if not self._verify(account.password_hash if account else self.dummy_hash, secret):
+            return None
+        return (account, None, account.password_hash) if account else None
 
     def _verify(self, stored_hash: str, password: str) -> bool:
         try:
             return self.hasher.verify(stored_hash, password)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
             return False
+
+
+def auth_token_create(auth: Authenticator, account: Account, label: str, now: float) -> str:
+    """Create an app password for a device; return it (shown once, stored hashed)."""
+    public_id = secrets.token_urlsafe(9).replace("-", "x").replace("_", "y")
+    secret = secrets.token_urlsafe(24)
+    AppPassword.create(account_pk=account.pk, public_id=public_id, label=label,
+                       secret_hash=auth.hash_password(secret), created_at=int(now))
+    return f"{public_id}.{secret}"
 
 
 def session_account_capabilities(app) -> dict:
@@ -2162,8 +2553,9 @@ def method_query_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
 
 
 # =============================================================================
-# 6.4 CORE/ECHO
-#     RFC 8620 §4: the arguments come back unchanged.
+# 6.4 CORE/ECHO AND BLOB/COPY
+#     RFC 8620 §4: the arguments come back unchanged. §6.3: Blob/copy between accounts.
+#     Upload and download are HTTP routes (section 13) over the blob store (4.4).
 # =============================================================================
 
 
@@ -2171,6 +2563,32 @@ def method_query_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
 def core_echo(ctx: Call, args: dict) -> dict:
     """Return the arguments unchanged (RFC 8620 §4)."""
     return args
+
+
+BLOB_COPY_ARGS = {
+    "fromAccountId": (a_id, REQUIRED),
+    "accountId": (a_id, REQUIRED),
+    "blobIds": (a_ids, REQUIRED),
+}
+
+
+@jmap_method("Blob/copy", CAP_CORE, writes=True)
+def blob_copy(ctx: Call, raw_args: dict) -> dict:
+    """Let another account see blobs this user can see (RFC 8620 §6.3)."""
+    args = take_args(raw_args, BLOB_COPY_ARGS)
+    src = _from_account(ctx, args["fromAccountId"])
+    copied, not_copied = {}, {}
+    for raw_blob_id in dict.fromkeys(args["blobIds"]):
+        sha = blob_sha_from_id(raw_blob_id)
+        blob = blob_visible(src.account.pk, sha, ctx.now, ctx.user.pk) if sha else None
+        if blob is None:
+            not_copied[raw_blob_id] = {"type": "notFound"}
+            continue
+        blob_add_ref(ctx.account.pk, sha, blob.size, "upload", ctx.now, owner_pk=ctx.user.pk,
+                     expires_at=ctx.now + UPLOAD_TTL_SECONDS)
+        copied[raw_blob_id] = raw_blob_id  # content-addressed: the same id everywhere
+    return {"fromAccountId": src.account.id, "accountId": ctx.account.id,
+            "copied": copied or None, "notCopied": not_copied or None}
 
 
 # =============================================================================
@@ -2485,6 +2903,22 @@ def mailbox_create_defaults(changes: ChangeLog, account_pk: int) -> None:
 HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 NO_STORE = "no-cache, no-store, must-revalidate"  # RFC 8620 §2
 PROBLEM_TYPE = "application/problem+json"  # RFC 7807 §3
+MEDIA_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                           r"(\s*;\s*[A-Za-z0-9_.+-]+=(\"[^\"\\\r\n]*\"|[A-Za-z0-9_.+-]+))*$")
+FORWARDED_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
+                     "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_SCHEME", "HTTP_X_FORWARDED_SSL",
+                     "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Content-Disposition, Content-Length, Retry-After, "
+                                     "WWW-Authenticate",
+}
+CORS_PREFLIGHT = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept, Last-Event-ID",
+    "Access-Control-Max-Age": "86400",
+}
 
 
 class App:
@@ -2493,12 +2927,14 @@ class App:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.clock = Clock(cfg.test_now)
-        self.auth = Authenticator(cfg.test_cheap_hashing, self.clock)
+        limiter = LoginLimiter(cfg.max_login_failures_per_address,
+                               cfg.max_login_failures_per_user)
+        self.auth = Authenticator(cfg.test_cheap_hashing, self.clock, limiter)
         self.bus = ChangeBus()
         self.capabilities = {CAP_CORE, CAP_MAIL}
         self.inflight_lock = threading.Lock()
-        self.inflight: dict[int, int] = {}
-        self.wsgi = http_routes(self)
+        self.inflight: dict[tuple, int] = {}
+        self.wsgi = http_middleware(self, http_routes(self))
 
     def accessible_accounts(self, user: Account) -> dict:
         """Map account id -> (Account, read_only) for every account the user may use."""
@@ -2523,6 +2959,47 @@ def make_app(cfg: Config) -> App:
     return App(cfg)
 
 
+def http_middleware(app: App, web: bottle.Bottle):
+    """Wrap the routes: trusted-proxy headers, CORS preflight and CORS headers."""
+
+    def middleware(environ, start_response):
+        http_apply_proxy_headers(app.cfg, environ)
+        if environ.get("REQUEST_METHOD") == "OPTIONS":
+            start_response("204 No Content", list(CORS_PREFLIGHT.items()))
+            return [b""]
+
+        def start_with_cors(status, headers, exc_info=None):
+            return start_response(status, headers + list(CORS_HEADERS.items()), exc_info)
+
+        return web(environ, start_with_cors)
+
+    return middleware
+
+
+def http_apply_proxy_headers(cfg: Config, environ: dict) -> None:
+    """Honour X-Forwarded-* only from --trusted-proxy peers; strip them from anyone else.
+
+    waitress 2.1 passes these headers through and bottle trusts them when it builds
+    URLs, so an untrusted client could otherwise forge its address, scheme or host.
+    """
+    peer = environ.get("REMOTE_ADDR") or ""
+    trusted = peer in cfg.trusted_proxy or (cfg.unix_socket and peer in ("", "localhost"))
+    forwarded = {k: environ.pop(k) for k in FORWARDED_HEADERS if k in environ}
+    if not trusted:
+        return
+    hops = [h.strip() for h in forwarded.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+    while hops and hops[-1] in cfg.trusted_proxy:
+        hops.pop()  # the rightmost address not of a trusted proxy is the client
+    if hops:
+        environ["REMOTE_ADDR"] = hops[-1]
+    proto = forwarded.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        environ["wsgi.url_scheme"] = proto
+    host = forwarded.get("HTTP_X_FORWARDED_HOST", "").split(",")[0].strip()
+    if host and HOST_RE.match(host):
+        environ["HTTP_HOST"] = host
+
+
 def http_problem(status: int, kind: str, detail: str, **extra) -> bottle.HTTPResponse:
     """An RFC 7807 problem document response."""
     body = {"type": kind, "status": status, "detail": detail, **extra}
@@ -2535,17 +3012,30 @@ def http_json(obj, status: int = 200, **headers) -> bottle.HTTPResponse:
 
 
 def http_user(app: App) -> Account:
-    """Authenticate the request or abort with 401 (RFC 7235 challenge)."""
-    header = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
-    scheme, _, credentials = header.partition(" ")
-    account = None
-    if scheme.lower() == "basic":
-        account = app.auth.check_basic(credentials.strip())
+    """Authenticate the request (Basic or Bearer) or abort with 401 or 429."""
+    environ = bottle.request.environ
+    try:
+        account = app.auth.check_header(environ.get("HTTP_AUTHORIZATION", ""),
+                                        environ.get("REMOTE_ADDR") or "local")
+    except TooManyFailures as exc:
+        problem = http_problem(429, "about:blank", "too many failed logins; try again later")
+        problem.set_header("Retry-After", str(exc.retry_after))
+        raise problem from None
     if account is None:
         problem = http_problem(401, "about:blank", "authentication required")
         problem.set_header("WWW-Authenticate", 'Basic realm="jmapd", charset="UTF-8"')
         raise problem
     return account
+
+
+def http_account(app: App, user: Account, raw_account_id: str, write: bool) -> Account:
+    """Find an account the user may use for an upload or download, else 404/403."""
+    found = app.accessible_accounts(user).get(raw_account_id)
+    if found is None:
+        raise http_problem(404, "about:blank", "no such account")
+    if write and found[1]:
+        raise http_problem(403, "about:blank", "the account is read-only")
+    return found[0]
 
 
 def http_read_body(app: App, limit: int, limit_name: str) -> bytes:
@@ -2564,23 +3054,23 @@ def _limit_problem(limit_name: str, detail: str) -> bottle.HTTPResponse:
     return http_problem(400, PROBLEM_PREFIX + "limit", detail, limit=limit_name)
 
 
-class _RequestSlot:
-    """Count a user's requests in flight against maxConcurrentRequests (RFC 8620 §2)."""
+class _Slot:
+    """Count a user's requests of one kind in flight against a limit (RFC 8620 §2)."""
 
-    def __init__(self, app: App, user: Account):
-        self.app, self.user = app, user
+    def __init__(self, app: App, user: Account, kind: str, limit: int):
+        self.app, self.key, self.kind, self.limit = app, (user.pk, kind), kind, limit
 
     def __enter__(self):
         with self.app.inflight_lock:
-            count = self.app.inflight.get(self.user.pk, 0)
-            if count >= self.app.cfg.max_concurrent_requests:
-                raise _limit_problem("maxConcurrentRequests", "too many concurrent requests")
-            self.app.inflight[self.user.pk] = count + 1
+            count = self.app.inflight.get(self.key, 0)
+            if count >= self.limit:
+                raise _limit_problem(self.kind, f"more than {self.limit} at once ({self.kind})")
+            self.app.inflight[self.key] = count + 1
         return self
 
     def __exit__(self, *exc):
         with self.app.inflight_lock:
-            self.app.inflight[self.user.pk] -= 1
+            self.app.inflight[self.key] -= 1
         return False
 
 
@@ -2605,6 +3095,15 @@ def http_routes(app: App) -> bottle.Bottle:
     def api():
         return http_api(app)
 
+    @web.post("/jmap/upload/<account_id>")
+    @web.post("/jmap/upload/<account_id>/")
+    def upload(account_id):
+        return http_upload(app, account_id)
+
+    @web.get("/jmap/download/<account_id>/<raw_blob_id>/<name:path>")
+    def download(account_id, raw_blob_id, name):
+        return http_download(app, account_id, raw_blob_id, name)
+
     for status in (404, 405, 500):
         web.error(status)(functools.partial(_http_error_page, status))
     return web
@@ -2614,7 +3113,7 @@ def http_api(app: App) -> bottle.HTTPResponse:
     """Handle one JMAP API request (RFC 8620 §3)."""
     started = time.monotonic()
     user = http_user(app)
-    with _RequestSlot(app, user):
+    with _Slot(app, user, "maxConcurrentRequests", app.cfg.max_concurrent_requests):
         raw_body = http_read_body(app, app.cfg.max_size_request, "maxSizeRequest")
         try:
             response = engine_run(app, user, raw_body)
@@ -2628,6 +3127,62 @@ def http_api(app: App) -> bottle.HTTPResponse:
     return http_json(response)
 
 
+def http_upload(app: App, raw_account_id: str) -> bottle.HTTPResponse:
+    """Store an uploaded blob (RFC 8620 §6.1), streaming it from waitress's spool file."""
+    user = http_user(app)
+    account = http_account(app, user, raw_account_id, write=True)
+    limit = app.cfg.max_size_upload
+    with _Slot(app, user, "maxConcurrentUpload", app.cfg.max_concurrent_upload):
+        declared = bottle.request.environ.get("CONTENT_LENGTH") or ""
+        if declared.isdigit() and int(declared) > limit:
+            raise _limit_problem("maxSizeUpload", f"the upload is larger than {limit} octets")
+        try:
+            sha, size = blob_store_stream(app.cfg.data_dir, bottle.request.environ["wsgi.input"],
+                                          limit)
+        except BlobTooLarge:
+            raise _limit_problem("maxSizeUpload", f"the upload is larger than {limit} octets")
+        now = app.clock.now()
+        with db.atomic("IMMEDIATE"):
+            blob_add_ref(account.pk, sha, size, "upload", now, owner_pk=user.pk,
+                         expires_at=now + UPLOAD_TTL_SECONDS)
+    media_type = (bottle.request.environ.get("CONTENT_TYPE") or "").strip()
+    if not MEDIA_TYPE_RE.match(media_type):
+        media_type = "application/octet-stream"  # lenient: missing or odd Content-Type
+    log.info("upload %s %s %d octets", user.username, blob_id(sha), size)
+    return http_json({"accountId": account.id, "blobId": blob_id(sha), "type": media_type,
+                      "size": size}, status=201)
+
+
+def http_download(app: App, raw_account_id: str, raw_blob_id: str, name: str):
+    """Send a blob the account may see (RFC 8620 §6.2); never compressed."""
+    user = http_user(app)
+    account = http_account(app, user, raw_account_id, write=False)
+    sha = blob_sha_from_id(raw_blob_id)
+    blob = blob_visible(account.pk, sha, app.clock.now(), user.pk) if sha else None
+    if blob is None:
+        raise http_problem(404, "about:blank", "no such blob")
+    media_type = bottle.request.query.getunicode("type") or ""
+    if not MEDIA_TYPE_RE.match(media_type):
+        media_type = "application/octet-stream"
+    headers = {
+        "Content-Type": media_type,
+        "Content-Length": str(blob.size),
+        "Content-Disposition": http_content_disposition(name),
+        "Cache-Control": "private, immutable, max-age=31536000",  # RFC 8620 §6.2
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
+    }
+    return bottle.HTTPResponse(blob_open(app.cfg.data_dir, sha), 200, headers)
+
+
+def http_content_disposition(name: str) -> str:
+    """attachment with an ASCII fallback and the RFC 6266/5987 UTF-8 filename."""
+    from urllib.parse import quote  # lazy: downloads only
+
+    fallback = re.sub(r'[^A-Za-z0-9 ._()+-]', "_", name)[:200] or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 def _http_error_page(status: int, error) -> str:
     bottle.response.content_type = PROBLEM_TYPE
     detail = {404: "no such resource", 405: "method not allowed"}.get(status, "server error")
@@ -2638,9 +3193,12 @@ def _http_error_page(status: int, error) -> str:
 
 # =============================================================================
 # 14 CLI COMMANDS AND MAIN
-#    serve, user add|passwd|del|list. Only serve and user add create a data
-#    directory. Exit status: 0 ok, 1 the command failed, 2 bad usage/configuration.
+#    serve, user (add|passwd|del|list, token add|list|revoke), backup, restore, check.
+#    Only serve, user add and restore create a data directory. Exit status: 0 ok,
+#    1 the command failed, 2 bad usage or configuration.
 # =============================================================================
+
+HOUSEKEEPING_SECONDS = 3600
 
 
 class CommandError(Exception):
@@ -2691,9 +3249,9 @@ def account_has_mail(account: Account) -> bool:
 
 
 def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
-    """Run `user add|passwd|del|list`."""
+    """Run `user add|passwd|del|list` and `user token add|list|revoke`."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    action = cfg.command.split()[1]
+    action = cfg.command.split(maxsplit=1)[1]
     db_open(cfg.data_dir, create=action == "add")
     clock = Clock(cfg.test_now)
     if action == "list":
@@ -2712,6 +3270,8 @@ def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
     account = Account.get_or_none(Account.username == username)
     if account is None:
         raise CommandError(f"no user {username}")
+    if action.startswith("token"):
+        return cmd_user_token(cfg, auth, account, clock, stdout)
     if action == "passwd":
         account.password_hash = auth.hash_password(cli_read_password(cfg, stdin))
         account.save()
@@ -2723,6 +3283,147 @@ def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
         Account.delete().where(Account.pk == account.pk).execute()
     print(f"user {username} deleted", file=stdout)
     return 0
+
+
+def cmd_user_token(cfg: Config, auth, account: Account, clock: Clock, stdout) -> int:
+    """App passwords: add prints the secret once; list shows ids; revoke deletes one."""
+    action = cfg.command.split()[-1]
+    if action == "add":
+        token = auth_token_create(auth, account, cfg.label, clock.now())
+        print(token, file=stdout)
+        if sys.stderr.isatty():
+            print("(shown once: enter it in the device as the password, or as a Bearer token)",
+                  file=sys.stderr)
+        return 0
+    if action == "list":
+        tokens = AppPassword.select().where(AppPassword.account_pk == account.pk)
+        for token in tokens.order_by(AppPassword.created_at):
+            used = utc_date(token.last_used_at) if token.last_used_at else "never"
+            print(f"{token.public_id}\t{utc_date(token.created_at)}\tlast used {used}\t"
+                  f"{token.label}", file=stdout)
+        return 0
+    deleted = AppPassword.delete().where(
+        (AppPassword.account_pk == account.pk) & (AppPassword.public_id == cfg.token_id)
+    ).execute()
+    if not deleted:
+        raise CommandError(f"{account.username} has no app password {cfg.token_id!r}")
+    print(f"app password {cfg.token_id} revoked", file=stdout)
+    return 0
+
+
+# ---- backup, restore, check ----
+
+
+def cmd_backup(cfg: Config) -> int:
+    """Copy the database (SQLite online backup) and then its blobs, while serve runs."""
+    import shutil  # lazy: backup only
+    import sqlite3
+
+    db_open(cfg.data_dir, create=False)
+    dest = _empty_target(cfg.path)
+    source = sqlite3.connect(db_path(cfg.data_dir), timeout=BUSY_TIMEOUT_MS / 1000)
+    target = sqlite3.connect(db_path(dest))
+    try:
+        source.backup(target)  # a consistent snapshot; writers go on meanwhile (WAL)
+        hashes = [row[0] for row in target.execute("SELECT sha256 FROM blob")]
+    finally:
+        source.close()
+        target.close()
+    missing = 0
+    for sha in hashes:  # blobs are written before any row names them, so all exist
+        src, dst = blob_path(cfg.data_dir, sha), blob_path(dest, sha)
+        if not os.path.exists(src):
+            missing += 1
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(src, dst)
+    _fsync_tree(dest)
+    print(f"backup of {cfg.data_dir} in {dest}: database and {len(hashes) - missing} blobs")
+    if missing:
+        raise CommandError(f"{missing} blobs were missing from the data directory")
+    return 0
+
+
+def cmd_restore(cfg: Config) -> int:
+    """Make a new data directory from a backup, then check it."""
+    import shutil  # lazy: restore only
+
+    if not os.path.isfile(db_path(cfg.path)):
+        raise CommandError(f"{cfg.path!r} holds no {DB_FILE}")
+    dest = _empty_target(cfg.data_dir)
+    shutil.copyfile(db_path(cfg.path), db_path(dest))
+    blobs = os.path.join(cfg.path, "blobs")
+    if os.path.isdir(blobs):
+        shutil.copytree(blobs, os.path.join(dest, "blobs"), dirs_exist_ok=True)
+    _fsync_tree(dest)
+    print(f"restored {cfg.path} into {dest}")
+    return cmd_check(cfg)
+
+
+def cmd_check(cfg: Config) -> int:
+    """Report the schema version and verify every blob; exit 1 if anything is damaged."""
+    db_open(cfg.data_dir, create=False)
+    version = db.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    print(f"schema version {version} (this jmapd: {SCHEMA_VERSION})")
+    problems = 0
+    known = set()
+    for sha, size in Blob.select(Blob.sha256, Blob.size).tuples():
+        known.add(sha)
+        state = _blob_file_state(cfg.data_dir, sha, size)
+        if state != "ok":
+            problems += 1
+            print(f"blob {blob_id(sha)}: {state}")
+    unreferenced = Blob.select().where(
+        ~peewee.fn.EXISTS(BlobRef.select().where(BlobRef.sha256 == Blob.sha256))).count()
+    orphans = [sha for sha in _blob_files(cfg.data_dir) if sha not in known]
+    for sha in orphans:
+        print(f"orphan file blobs/{sha[:2]}/{sha} (no database row)")
+    print(f"{len(known)} blobs checked, {problems} damaged or missing, {len(orphans)} orphan "
+          f"files, {unreferenced} blobs awaiting purge")
+    return 1 if problems or version != SCHEMA_VERSION else 0
+
+
+def _blob_file_state(data_dir: str, sha: str, size: int) -> str:
+    digest = hashlib.sha256()
+    try:
+        with blob_open(data_dir, sha) as f:
+            for chunk in iter(lambda: f.read(BLOB_COPY_CHUNK), b""):
+                digest.update(chunk)
+                size -= len(chunk)
+    except FileNotFoundError:
+        return "missing"
+    if digest.hexdigest() != sha or size != 0:
+        return "damaged (content does not match its hash)"
+    return "ok"
+
+
+def _blob_files(data_dir: str):
+    root = os.path.join(data_dir, "blobs")
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if re.fullmatch(r"[0-9a-f]{64}", name):
+                yield name
+
+
+def _empty_target(path: str) -> str:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CommandError(f"{path!r} exists and is not an empty directory")
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    return path
+
+
+def _fsync_tree(path: str) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+# ---- serve ----
 
 
 def serve_first_user(app: App) -> None:
@@ -2740,15 +3441,16 @@ def serve_first_user(app: App) -> None:
             username = auth_normalise_username(input("E-mail address: "))
             password = cli_read_password(dataclasses.replace(app.cfg, password_stdin=False),
                                          sys.stdin)
+            account_create(app.auth, username, password, app.clock.now())
         except (ValueError, CommandError) as exc:
             print(exc, file=sys.stderr)
             continue
-        account_create(app.auth, username, password, app.clock.now())
         print(f"user {username} added; log in with it from your JMAP client", file=sys.stderr)
         return
 
 
-def serve_bind(cfg: Config) -> socket.socket:
+def serve_bind(cfg: Config) -> list[socket.socket]:
+    """Bind the TCP listener (and the Unix socket, if asked for)."""
     host, port = cfg.listen
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -2759,46 +3461,96 @@ def serve_bind(cfg: Config) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.listen(128)
-    return sock
+    sockets = [sock]
+    if cfg.unix_socket:
+        if os.path.exists(cfg.unix_socket):
+            os.unlink(cfg.unix_socket)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(cfg.unix_socket)
+        os.chmod(cfg.unix_socket, 0o660)  # the proxy reaches it through group membership
+        unix.listen(128)
+        sockets.append(unix)
+    return sockets
 
 
 def serve_housekeeping(app: App) -> None:
-    """Purge tombstones past the horizon (RFC 8620 §5.2 keeps 30 days at least)."""
+    """Purge old tombstones, expired uploads and orphan blobs; checkpoint the WAL."""
     models = {spec.name: spec.model for spec in TYPES.values()}
-    purged = db_purge_tombstones(models, app.cfg.changes_horizon_days, app.clock.now())
-    if purged:
-        log.info("purged %d tombstones older than %d days", purged, app.cfg.changes_horizon_days)
+    now = app.clock.now()
+    purged = db_purge_tombstones(models, app.cfg.changes_horizon_days, now)
+    refs, blobs = blob_purge(app.cfg.data_dir, now)
+    db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)")
+    if purged or refs or blobs:
+        log.info("housekeeping: %d tombstones, %d expired uploads, %d orphan blobs removed",
+                 purged, refs, blobs)
+
+
+def _housekeeping_loop(app: App, stopping: threading.Event) -> None:
+    while not stopping.wait(HOUSEKEEPING_SECONDS):
+        try:
+            serve_housekeeping(app)
+        except peewee.OperationalError as exc:
+            log.warning("housekeeping postponed: %s", exc)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, if it is listening."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
 
 
 def cmd_serve(cfg: Config) -> int:
-    """Run the server until SIGTERM or SIGINT."""
+    """Run the server until SIGTERM or SIGINT, then let in-flight requests finish."""
+    import tempfile  # lazy: only serve spools uploads
+
     started = time.monotonic()
     db_open(cfg.data_dir, create=True)
+    tempfile.tempdir = blob_tmp_dir(cfg.data_dir)  # waitress spools large bodies here
     app = make_app(cfg)
     log.info("configuration: %s", cfg.masked())
     if cfg.listen[0] not in ("127.0.0.1", "::1", "localhost") and not cfg.public_url:
         log.warning("listening beyond loopback without --public-url; put TLS in front of jmapd")
     serve_first_user(app)
     serve_housekeeping(app)
-    sock = serve_bind(cfg)
+    sockets = serve_bind(cfg)
     app.bus.start_watcher(cfg.data_dir)
-    host, port = sock.getsockname()[:2]
+    stopping = threading.Event()
+    threading.Thread(target=_housekeeping_loop, args=(app, stopping), daemon=True,
+                     name="housekeeping").start()
+    server = waitress_server(app.wsgi, sockets=sockets, threads=cfg.threads,
+                             max_body=2 * max(cfg.max_size_upload, cfg.max_size_request) + 2**20)
+    host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("jmapd %s listening on http://%s:%d/ (ready in %.0f ms)",
              __version__, shown, port, (time.monotonic() - started) * 1000)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        waitress_serve(app.wsgi, sockets=[sock], threads=cfg.threads)
-    except KeyboardInterrupt:
-        log.info("stopping")
-    finally:
-        app.bus.stop()
-        db.close()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    sd_notify("READY=1")
+    waitress_run_until(server, stopping, on_stop=lambda: _serve_stopping(app))
+    app.bus.stop()
+    db.close()
+    if cfg.unix_socket and os.path.exists(cfg.unix_socket):
+        os.unlink(cfg.unix_socket)
+    log.info("stopped")
     return 0
+
+
+def _serve_stopping(app: App) -> None:
+    log.info("stopping: finishing requests in flight")
+    sd_notify("STOPPING=1")
+    app.bus.stop()  # long-lived push responses end
+
+
+COMMAND_HANDLERS = {"serve": cmd_serve, "backup": cmd_backup, "restore": cmd_restore,
+                    "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2809,10 +3561,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jmapd: {exc}", file=sys.stderr)
         return 2
     logging_setup(cfg.log_level)
+    handler = COMMAND_HANDLERS.get(cfg.command, cmd_user)
     try:
-        if cfg.command == "serve":
-            return cmd_serve(cfg)
-        return cmd_user(cfg)
+        return handler(cfg)
     except (ConfigError, DataDirMissing) as exc:
         print(f"jmapd: {exc}", file=sys.stderr)
         return 2
