@@ -69,6 +69,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -598,7 +599,8 @@ COMMANDS = (
 def cfg_parser() -> argparse.ArgumentParser:
     """Build the argparse parser for every command from OPTIONS and COMMANDS."""
     parser = argparse.ArgumentParser(
-        prog="jmapd.py", description="A personal JMAP server (RFC 8620, RFC 8621)."
+        prog="jmapd.py", description="A personal JMAP server (RFC 8620, RFC 8621).",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"jmapd {__version__}")
     _add_options(parser, "", top=True)
@@ -610,11 +612,13 @@ def cfg_parser() -> argparse.ArgumentParser:
             group = " ".join(words[:depth])
             if group not in groups:
                 parent = groups[" ".join(words[: depth - 1])]
-                sub = parent.add_parser(words[depth - 1], help=f"{group} commands")
+                sub = parent.add_parser(words[depth - 1], help=f"{group} commands",
+                                        allow_abbrev=False)
                 parsers[group] = sub
                 groups[group] = sub.add_subparsers(dest=f"command_{depth}", metavar="ACTION",
                                                    required=True)
-        sub = groups[" ".join(words[:-1])].add_parser(words[-1], help=text, description=text)
+        sub = groups[" ".join(words[:-1])].add_parser(words[-1], help=text, description=text,
+                                                      allow_abbrev=False)
         for dest, metavar, arg_help in positionals:
             sub.add_argument(dest, metavar=metavar, help=arg_help)
         _add_options(sub, command, top=False)
@@ -1271,7 +1275,11 @@ class Authenticator:
         self.cache_key = secrets.token_bytes(32)
         self.cache: dict[bytes, tuple[int, int | None, str, float]] = {}
         self.cache_lock = threading.Lock()
-        self.dummy_hash = self.hasher.hash(secrets.token_hex(16))
+
+    @functools.cached_property
+    def dummy_hash(self) -> str:
+        """A hash to verify against when the user is unknown, so timing tells nothing."""
+        return self.hasher.hash(secrets.token_hex(16))
 
     def hash_password(self, password: str) -> str:
         return self.hasher.hash(password)
@@ -1851,6 +1859,7 @@ class TypeSpec:
       on_create / on_update(ctx, row, values)   after the row is written
       on_destroy(ctx, row, args)    before the tombstone is written (may refuse)
       query_order(ctx, args, pks)   reorder or filter query results (e.g. sortAsTree)
+      destroy_order(ctx, raw_ids)   the order to destroy in (e.g. children first)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
       changes_extra(ctx, since, rows)   extra /changes response members
     """
@@ -1921,6 +1930,9 @@ class TypeSpec:
 
     def query_order(self, ctx: Call, args: dict, pks: list) -> list:
         return pks
+
+    def destroy_order(self, ctx: Call, raw_ids: list) -> list:
+        return raw_ids
 
     def can_calculate_changes(self, args: dict) -> bool:
         return True
@@ -2083,7 +2095,7 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     for raw_id, patch in update.items():
         _record_outcome(result, "updated", "notUpdated", raw_id,
                         lambda: set_update_one(spec, ctx, raw_id, patch, will_destroy))
-    for raw_id in destroy:
+    for raw_id in spec.destroy_order(ctx, destroy):
         _record_outcome(result, "destroyed", "notDestroyed", raw_id,
                         lambda: set_destroy_one(spec, ctx, raw_id, args))
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
@@ -2619,7 +2631,8 @@ class ChangeBus:
         for account_pk, type_name, modseq in rows.tuples():
             current.setdefault(account_pk, {})[type_name] = state_string(modseq)
         with self.states_lock:
-            changed = {pk for pk in current if current[pk] != self.states.get(pk)}
+            known = set(current) | set(self.states)  # a deleted account changes too
+            changed = {pk for pk in known if current.get(pk) != self.states.get(pk)}
             self.states = current
             for pk in changed:
                 self.versions[pk] = self.versions.get(pk, 0) + 1
@@ -2822,6 +2835,14 @@ class MailboxType(TypeSpec):
             raise SetError("mailboxHasEmail", "the Mailbox is not empty")
         # TODO(RFC 8621 §2.5): onDestroyRemoveEmails removes the Emails once Email exists.
 
+    def destroy_order(self, ctx, raw_ids):
+        """Children before parents, so one call can remove a whole subtree (RFC 8620 §5.3)."""
+        def depth(raw_id):
+            row = self.load(ctx, raw_id)
+            return -self._depth(row.pk) if row else 0
+
+        return sorted(raw_ids, key=depth)
+
     def query_order(self, ctx, args, pks):
         if not (args.get("sortAsTree") or args.get("filterAsTree")):
             return pks
@@ -2934,6 +2955,7 @@ class App:
         self.capabilities = {CAP_CORE, CAP_MAIL}
         self.inflight_lock = threading.Lock()
         self.inflight: dict[tuple, int] = {}
+        self.request_ids = itertools.count(1)
         self.wsgi = http_middleware(self, http_routes(self))
 
     def accessible_accounts(self, user: Account) -> dict:
@@ -3112,18 +3134,20 @@ def http_routes(app: App) -> bottle.Bottle:
 def http_api(app: App) -> bottle.HTTPResponse:
     """Handle one JMAP API request (RFC 8620 §3)."""
     started = time.monotonic()
+    request_id = next(app.request_ids)
     user = http_user(app)
     with _Slot(app, user, "maxConcurrentRequests", app.cfg.max_concurrent_requests):
         raw_body = http_read_body(app, app.cfg.max_size_request, "maxSizeRequest")
         try:
             response = engine_run(app, user, raw_body)
         except RequestError as exc:
-            log.info("api %s: %s", user.username, exc.kind)
+            log.info("api #%d %s 400 %s", request_id, user.username, exc.kind)
             return bottle.HTTPResponse(
                 json_dumps(exc.as_json()), exc.status, {"Content-Type": PROBLEM_TYPE}
             )
     names = ",".join(r[0] for r in response["methodResponses"])
-    log.info("api %s [%s] %.1f ms", user.username, names, (time.monotonic() - started) * 1000)
+    log.info("api #%d %s 200 [%s] %.1f ms", request_id, user.username, names,
+             (time.monotonic() - started) * 1000)
     return http_json(response)
 
 
@@ -3208,11 +3232,11 @@ class CommandError(Exception):
 def cli_read_password(cfg: Config, stdin) -> str:
     """Read a new password from stdin (--password-stdin) or a terminal prompt, never argv."""
     if cfg.password_stdin:
-        password = stdin.readline()
-        if password.endswith("\n"):
-            password = password[:-1]  # one trailing newline only
-        if password.endswith("\r"):
-            password = password[:-1]
+        password = stdin.read()
+        for newline in ("\r\n", "\n"):
+            if password.endswith(newline):
+                password = password[: -len(newline)]  # one trailing newline only
+                break
     else:
         if not stdin.isatty():
             raise CommandError("no terminal to prompt on: pass the password with --password-stdin")
@@ -3252,16 +3276,18 @@ def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
     """Run `user add|passwd|del|list` and `user token add|list|revoke`."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     action = cfg.command.split(maxsplit=1)[1]
+    username = None
+    if action != "list":
+        try:
+            username = auth_normalise_username(cfg.username)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     db_open(cfg.data_dir, create=action == "add")
     clock = Clock(cfg.test_now)
     if action == "list":
         for account in Account.select().order_by(Account.username):
             print(account.username, file=stdout)
         return 0
-    try:
-        username = auth_normalise_username(cfg.username)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
     auth = Authenticator(cfg.test_cheap_hashing, clock)
     if action == "add":
         account_create(auth, username, cli_read_password(cfg, stdin), clock.now())

@@ -142,7 +142,9 @@ def server(tmp_path_factory):
     """One running server for the whole session (tests use their own users)."""
     data_dir = tmp_path_factory.mktemp("jmapd") / "data"
     add_user(data_dir, "first@example.com")
-    srv = Server(data_dir).start()
+    # Many tests try wrong passwords on purpose; the login limits get their own server.
+    srv = Server(data_dir, "--max-login-failures-per-address", "100000",
+                 "--max-login-failures-per-user", "100000").start()
     yield srv
     srv.stop()
 

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Measure jmapd on this machine: start-up, idle memory, request latency, upload.
+
+    python3 contrib/bench.py                 # every benchmark
+    python3 contrib/bench.py startup echo    # some of them
+    python3 contrib/bench.py upload --upload-mb 100
+
+Each benchmark starts a real `jmapd.py serve` on 127.0.0.1 with a fresh data directory
+(real argon2 parameters) and talks to it over HTTP with `requests`. Figures are printed
+one per line as `name: value unit`. Speed is measured here, never asserted in tests.
+"""
+
+import argparse
+import hashlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+JMAPD = ROOT / "jmapd.py"
+USER, PASSWORD = "bench@example.com", "bench password"
+CORE = "urn:ietf:params:jmap:core"
+MAIL = "urn:ietf:params:jmap:mail"
+
+
+def proc_status(pid: int, field: str) -> int:
+    """Return a /proc/PID/status memory field (VmRSS, VmHWM) in KiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+class Jmapd:
+    """A serve subprocess on a free port with one user."""
+
+    def __init__(self, *extra):
+        self.tmp = tempfile.TemporaryDirectory(prefix="jmapd-bench-")
+        self.data_dir = Path(self.tmp.name) / "data"
+        subprocess.run([sys.executable, str(JMAPD), "user", "add", USER, "--password-stdin",
+                        "--data-dir", str(self.data_dir)], input=PASSWORD + "\n", text=True,
+                       check=True, capture_output=True)
+        self.log = open(Path(self.tmp.name) / "serve.log", "w+")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(JMAPD), "serve", "--listen", "127.0.0.1:0",
+             "--data-dir", str(self.data_dir), *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.url = self._wait_listening()
+        self.http = requests.Session()
+        self.http.auth = (USER, PASSWORD)
+
+    def _wait_listening(self) -> str:
+        while True:
+            self.log.seek(0)
+            match = re.search(r"listening on (http://\S+?)/ ", self.log.read())
+            if match:
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise SystemExit("jmapd exited:\n" + self.log.read())
+            time.sleep(0.01)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+        self.tmp.cleanup()
+
+
+def bench_startup(args):
+    """Time from exec to the first answered request, and idle RSS afterwards."""
+    times, rss = [], []
+    for _ in range(args.repeat):
+        server = Jmapd()
+        requests.get(server.url + "/.well-known/jmap", allow_redirects=False, timeout=30)
+        times.append((time.monotonic() - server.started) * 1000)
+        server.http.get(server.url + "/jmap/session", timeout=30)  # auth, routes, session
+        time.sleep(2)
+        rss.append(proc_status(server.proc.pid, "VmRSS") / 1024)
+        server.stop()
+    print(f"startup_to_first_response_median: {statistics.median(times):.0f} ms")
+    print(f"idle_rss_after_first_request_median: {statistics.median(rss):.1f} MiB")
+
+
+def bench_echo(args):
+    """Median latency of Core/echo with Basic auth (credential cached after the first)."""
+    server = Jmapd()
+    api = server.http.get(server.url + "/jmap/session", timeout=30).json()["apiUrl"]
+    body = {"using": [CORE], "methodCalls": [["Core/echo", {"hello": "world"}, "0"]]}
+    latencies = []
+    for _ in range(args.requests):
+        started = time.perf_counter()
+        response = server.http.post(api, json=body, timeout=30)
+        latencies.append((time.perf_counter() - started) * 1000)
+        assert response.status_code == 200, response.text
+    server.stop()
+    latencies.sort()
+    print(f"echo_requests: {len(latencies)}")
+    print(f"echo_latency_median: {statistics.median(latencies):.2f} ms")
+    print(f"echo_latency_p95: {latencies[int(len(latencies) * 0.95)]:.2f} ms")
+
+
+def bench_mailbox_get(args):
+    """Median latency of Mailbox/get (all mailboxes) for the same user."""
+    server = Jmapd()
+    session = server.http.get(server.url + "/jmap/session", timeout=30).json()
+    account = session["primaryAccounts"][MAIL]
+    body = {"using": [CORE, MAIL],
+            "methodCalls": [["Mailbox/get", {"accountId": account, "ids": None}, "0"]]}
+    latencies = []
+    for _ in range(args.requests):
+        started = time.perf_counter()
+        server.http.post(session["apiUrl"], json=body, timeout=30).raise_for_status()
+        latencies.append((time.perf_counter() - started) * 1000)
+    server.stop()
+    print(f"mailbox_get_latency_median: {statistics.median(latencies):.2f} ms")
+
+
+def bench_upload(args):
+    """Upload throughput of a large blob and the server's peak RSS meanwhile."""
+    size = args.upload_mb * 1024 * 1024
+    server = Jmapd("--max-size-upload", str(size + 1))
+    session = server.http.get(server.url + "/jmap/session", timeout=30).json()
+    account = session["primaryAccounts"][MAIL]
+    url = session["uploadUrl"].replace("{accountId}", account)
+    chunk = os.urandom(1024 * 1024)
+    digest = hashlib.sha256()
+
+    def body():
+        for _ in range(args.upload_mb):
+            digest.update(chunk)
+            yield chunk
+
+    rss_before = proc_status(server.proc.pid, "VmHWM") / 1024
+    started = time.perf_counter()
+    response = server.http.post(url, data=body(), headers={"Content-Type": "application/x-bench"},
+                                timeout=600)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    peak = proc_status(server.proc.pid, "VmHWM") / 1024
+    server.stop()
+    assert response.json()["size"] == size
+    assert response.json()["blobId"].endswith(digest.hexdigest())
+    print(f"upload_size: {args.upload_mb} MiB")
+    print(f"upload_throughput: {args.upload_mb / elapsed:.1f} MiB/s")
+    print(f"server_peak_rss_before_upload: {rss_before:.1f} MiB")
+    print(f"server_peak_rss_after_upload: {peak:.1f} MiB")
+
+
+BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
+              "upload": bench_upload}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME",
+                        help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--repeat", type=int, default=3, help="start-ups to measure")
+    parser.add_argument("--requests", type=int, default=500, help="requests per latency run")
+    parser.add_argument("--upload-mb", type=int, default=100, help="upload size in MiB")
+    args = parser.parse_args()
+    for name in args.names or BENCHMARKS:
+        BENCHMARKS[name](args)
+
+
+if __name__ == "__main__":
+    main()
