@@ -122,6 +122,9 @@ def waitress_server(app, *, sockets: list, threads: int, max_body: int):
         ident="jmapd",
         channel_timeout=300,
         max_request_body_size=max_body,
+        # Our middleware (section 13) honours or strips X-Forwarded-* itself: waitress 3
+        # would strip them all before it, and waitress 2.1 would pass them through.
+        clear_untrusted_proxy_headers=False,
     )
 
 
@@ -303,8 +306,36 @@ def _no_constants(name):
     raise NotIJson(f"{name} is not JSON")
 
 
+# RFC 7493 §2.1: no surrogates (lone ones come from \u escapes) and no noncharacters.
+NOT_IJSON_CHARS = re.compile(
+    "[\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]|"
+    + "|".join(chr(plane << 16 | 0xFFFE) + "|" + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
+)
+
+
+def _ijson_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise NotIJson(f"number {text[:20]} is out of range")  # RFC 7493 §2.2
+    return value
+
+
+def _ijson_check_strings(value, depth: int = 0) -> None:
+    """Refuse strings with surrogates or noncharacters, in names and values."""
+    if isinstance(value, str):
+        if NOT_IJSON_CHARS.search(value):
+            raise NotIJson("a string holds a surrogate or a noncharacter")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _ijson_check_strings(key, depth)
+            _ijson_check_strings(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _ijson_check_strings(item, depth + 1)
+
+
 def parse_ijson(raw: bytes):
-    """Parse a request body as I-JSON (RFC 8620 §1.5); raise NotIJson."""
+    """Parse a request body as I-JSON (RFC 8620 §1.5, RFC 7493); raise NotIJson."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -312,11 +343,15 @@ def parse_ijson(raw: bytes):
     if text.startswith("\ufeff"):
         raise NotIJson("byte order mark")
     try:
-        return json.loads(
-            text, object_pairs_hook=_no_duplicate_names, parse_constant=_no_constants
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicate_names, parse_constant=_no_constants,
+            parse_float=_ijson_float,
         )
     except (json.JSONDecodeError, RecursionError) as exc:
         raise NotIJson(str(exc)) from exc
+    if "\\u" in text or NOT_IJSON_CHARS.search(text):
+        _ijson_check_strings(value)  # only escapes or raw noncharacters can smuggle them in
+    return value
 
 
 def pointer_tokens(path: str) -> list[str]:
@@ -1521,6 +1556,7 @@ class Call:
     changes: ChangeLog | None = None
     extra_responses: list = field(default_factory=list)
     sub_calls: list = field(default_factory=list)
+    pending: dict = field(default_factory=dict)  # pk -> props a later update/destroy changes
 
     @property
     def now(self) -> float:
@@ -1547,8 +1583,10 @@ class Call:
         return touched
 
 
-def engine_parse_request(app, raw_body: bytes) -> dict:
+def engine_parse_request(app, raw_body: bytes, content_type: str = "application/json") -> dict:
     """Parse and validate a Request object (RFC 8620 §3.3); raise RequestError."""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise RequestError("notJSON", "The request must be of type application/json (RFC 8620 §3.1)")
     try:
         request = parse_ijson(raw_body)
     except NotIJson as exc:
@@ -1592,15 +1630,16 @@ def _request_shape_problem(request) -> str | None:
             return "each method call must be [String, Object, String]"
     created = request.get("createdIds")
     if "createdIds" in request and not (
-        isinstance(created, dict) and all(isinstance(v, str) for v in created.values())
+        isinstance(created, dict)
+        and all(is_valid_id(k) and is_valid_id(v) for k, v in created.items())
     ):
-        return "'createdIds' must be an object of Id values"
+        return "'createdIds' must be an Id[Id] object"
     return None
 
 
-def engine_run(app, user: Account, raw_body: bytes) -> dict:
+def engine_run(app, user: Account, raw_body: bytes, content_type: str = "application/json") -> dict:
     """Run a JMAP API request for a user and return the Response object (RFC 8620 §3.4)."""
-    request = engine_parse_request(app, raw_body)
+    request = engine_parse_request(app, raw_body, content_type)
     using = frozenset(request["using"])
     created_ids = dict(request.get("createdIds") or {})
     responses: list = []
@@ -1860,6 +1899,7 @@ class TypeSpec:
       on_destroy(ctx, row, args)    before the tombstone is written (may refuse)
       query_order(ctx, args, pks)   reorder or filter query results (e.g. sortAsTree)
       destroy_order(ctx, raw_ids)   the order to destroy in (e.g. children first)
+      validate_final(ctx)           check the end state of a /set (raise MethodError)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
       changes_extra(ctx, since, rows)   extra /changes response members
     """
@@ -1933,6 +1973,9 @@ class TypeSpec:
 
     def destroy_order(self, ctx: Call, raw_ids: list) -> list:
         return raw_ids
+
+    def validate_final(self, ctx: Call) -> None:
+        pass
 
     def can_calculate_changes(self, args: dict) -> bool:
         return True
@@ -2009,10 +2052,13 @@ def method_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
         raise MethodError("invalidArguments", "maxChanges must be greater than 0")
     since = _since_modseq(spec, ctx, args["sinceState"])
     model, changed = spec.model, spec.change_column()
+    # A row enters the change list at its creation if that is newer than `since`, else at
+    # its last change; paging by that keeps every creation inside the page that covers it.
+    entry = peewee.Case(None, [(model.created_modseq > since, model.created_modseq)], changed)
     query = (
-        model.select(model, changed.alias("changed_at"))
+        model.select(model, changed.alias("changed_at"), entry.alias("entered_at"))
         .where((model.account_pk == ctx.account.pk) & (changed > since))
-        .order_by(changed)
+        .order_by(entry)
     )
     if max_changes is not None:
         query = query.limit(max_changes + 1)
@@ -2020,15 +2066,18 @@ def method_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     has_more = max_changes is not None and len(rows) > max_changes
     if has_more:
         rows = rows[:max_changes]
-        new_state = state_string(rows[-1].changed_at)
+        upto = rows[-1].entered_at
+        new_state = state_string(upto)
     else:
+        upto = None
         new_state = spec.state(ctx)
     created, updated, destroyed = [], [], []
     for row in rows:
+        gone = row.destroyed and (upto is None or row.changed_at <= upto)
         if row.created_modseq > since:
-            if not row.destroyed:
+            if not gone:  # RFC 8620 §5.2: created and destroyed since: may be left out
                 created.append(spec.id_of(row.pk))
-        elif row.destroyed:
+        elif gone:
             destroyed.append(spec.id_of(row.pk))
         else:
             updated.append(spec.id_of(row.pk))
@@ -2092,16 +2141,31 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
         _record_outcome(result, "created", "notCreated", cid,
                         lambda: set_create_one(spec, ctx, cid, obj))
     will_destroy = {resolve_creation_id(ctx, i) for i in destroy}
+    ctx.pending = _pending_changes(spec, ctx, update, destroy)
     for raw_id, patch in update.items():
         _record_outcome(result, "updated", "notUpdated", raw_id,
                         lambda: set_update_one(spec, ctx, raw_id, patch, will_destroy))
+        ctx.pending.pop(pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or ""), None)
     for raw_id in spec.destroy_order(ctx, destroy):
         _record_outcome(result, "destroyed", "notDestroyed", raw_id,
                         lambda: set_destroy_one(spec, ctx, raw_id, args))
+    ctx.pending = {}
+    spec.validate_final(ctx)
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
     for key in ("created", "updated", "destroyed", "notCreated", "notUpdated", "notDestroyed"):
         result[key] = result[key] or None  # RFC 8620 §5.3: empty maps are null
     return result
+
+
+def json_equal(a, b) -> bool:
+    """Compare JSON values strictly: 1, 1.0 and true are three different values."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _record_outcome(result: dict, ok_key: str, fail_key: str, key: str, action) -> None:
@@ -2116,6 +2180,25 @@ def _record_outcome(result: dict, ok_key: str, fail_key: str, key: str, action) 
         result["destroyed"].append(key)
     else:
         result[ok_key][key] = outcome
+
+
+def _pending_changes(spec: TypeSpec, ctx: Call, update: dict, destroy: list) -> dict:
+    """Map pk -> properties an update or destroy later in this call will change.
+
+    RFC 8620 §5.3 lets a call pass through invalid intermediate states (rename A -> B
+    and B -> A); validate() hooks may consult ctx.pending for that, and validate_final()
+    checks the end state.
+    """
+    pending = {}
+    for raw_id, patch in update.items():
+        pk = pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        if pk is not None and isinstance(patch, dict):
+            pending[pk] = {key.split("/")[0] for key in patch}
+    for raw_id in destroy:
+        pk = pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        if pk is not None:
+            pending[pk] = {"*"}
+    return pending
 
 
 def _creation_order(spec: TypeSpec, create: dict) -> list:
@@ -2172,20 +2255,30 @@ def set_create_one(spec: TypeSpec, ctx: Call, cid: str, raw_obj) -> dict:
     new_id = spec.id_of(row.pk)
     ctx.created_ids[cid] = new_id  # RFC 8620 §5.3: a reused creation id maps to the newest
     stored = spec.to_json(ctx, row, list(spec.props))
+    sent = _as_sent(spec, raw_obj, values)
     return {
         name: value
         for name, value in stored.items()
-        if name not in raw_obj or name in defaulted or value != values.get(name)
+        if name not in raw_obj or name in defaulted or not json_equal(value, sent[name])
     }
+
+
+def _as_sent(spec: TypeSpec, raw_obj: dict, values: dict) -> dict:
+    """The client's values with `#creationId` references replaced by the ids they name."""
+    sent = dict(raw_obj)
+    for name, value in values.items():
+        if name in sent and spec.props[name].kind == "id":
+            sent[name] = value
+    return sent
 
 
 def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: set):
     """Apply one PatchObject; return what changed beyond the patch, or None."""
-    if resolve_creation_id(ctx, raw_id) in will_destroy:
-        raise SetError("willDestroy", "the record is destroyed in the same call")
     row = spec.load(ctx, raw_id)
     if row is None:
         raise SetError("notFound", f"no {spec.name} {raw_id!r}")
+    if resolve_creation_id(ctx, raw_id) in will_destroy:
+        raise SetError("willDestroy", "the record is destroyed in the same call")
     if not isinstance(patch, dict):
         raise SetError("invalidPatch", "a PatchObject must be an object")
     current = spec.to_json(ctx, row, list(spec.props))
@@ -2195,7 +2288,7 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
     for name, value in patched.items():
         if name not in spec.props:
             bad.append(name)
-        elif value != current.get(name):
+        elif not json_equal(value, current.get(name)):
             prop = spec.props[name]
             if prop.server_set or prop.immutable:
                 bad.append(name)
@@ -2215,11 +2308,11 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
     record_change(ctx.changes, spec.name, row, "updated")
     spec.on_update(ctx, row, changed)
     stored = spec.to_json(ctx, row, list(spec.props))
-    extra = {
+    sent = _as_sent(spec, patched, changed)
+    extra = {  # what changed other than as the client asked (RFC 8620 §5.3 "updated")
         name: value
         for name, value in stored.items()
-        if name not in patch and value != current.get(name)
-        or name in changed and value != changed[name]
+        if not json_equal(value, sent.get(name))
     }
     return extra or None
 
@@ -2497,7 +2590,7 @@ def filter_expression(spec: TypeSpec, ctx: Call, raw_filter: dict, depth: int):
         if make is None:
             raise MethodError("unsupportedFilter", f"cannot filter on {name!r}")
         try:
-            expression &= make(ctx, value)
+            expression &= peewee.fn.COALESCE(make(ctx, value), 0)  # NOT of NULL is NULL
         except ValueError as exc:
             raise MethodError("invalidArguments", f"filter {name}: {exc}") from exc
     return expression
@@ -2787,18 +2880,16 @@ class MailboxType(TypeSpec):
     def validate(self, ctx, values, row):
         """Enforce the tree and role rules (RFC 8621 §2)."""
         parent_pk = pk_from_id(self.id_prefix, values["parentId"]) if values["parentId"] else None
-        if row is not None and row.role == "inbox" and values["name"] != row.name:
-            raise SetError("forbidden", "the Inbox cannot be renamed")
+        if row is not None and row.role == "inbox" and (
+            values["name"] != row.name or parent_pk != row.parent_pk
+        ):
+            raise SetError("forbidden", "the Inbox cannot be renamed or moved (mayRename)")
         if row is not None and parent_pk is not None and self._is_descendant(parent_pk, row.pk):
             raise invalid_properties(["parentId"], "a Mailbox cannot be its own ancestor")
-        if self._depth(parent_pk) >= MAX_MAILBOX_DEPTH:
+        height = self._height(ctx, row.pk) if row is not None else 1
+        if self._depth(parent_pk) + height > MAX_MAILBOX_DEPTH:
             raise invalid_properties(["parentId"], f"deeper than {MAX_MAILBOX_DEPTH} levels")
-        siblings = self.live(ctx).where(
-            Mailbox.parent_pk.is_null() if parent_pk is None else Mailbox.parent_pk == parent_pk
-        )
-        if row is not None:
-            siblings = siblings.where(Mailbox.pk != row.pk)
-        if any(s.name == values["name"] for s in siblings):
+        if self._sibling_named(ctx, parent_pk, values["name"], row, ctx.pending):
             raise invalid_properties(["name"], "a sibling Mailbox has this name")
         if values["role"] is not None:
             clash = self.live(ctx).where(Mailbox.role == values["role"])
@@ -2808,6 +2899,43 @@ class MailboxType(TypeSpec):
                 raise invalid_properties(["role"], "another Mailbox has this role")
         if row is not None and row.role == "inbox" and values["role"] != "inbox":
             raise SetError("forbidden", "the Inbox keeps its role")
+
+    def _sibling_named(self, ctx, parent_pk, name, row, pending) -> bool:
+        """Tell whether another Mailbox under the parent has the name and keeps it.
+
+        A sibling that a later update in the same call renames, moves or destroys does
+        not count (RFC 8620 §5.3: A -> B and B -> A in one call); validate_final()
+        checks the end state.
+        """
+        siblings = self.live(ctx).where(
+            Mailbox.parent_pk.is_null() if parent_pk is None else Mailbox.parent_pk == parent_pk
+        ).where(Mailbox.name == name)
+        if row is not None:
+            siblings = siblings.where(Mailbox.pk != row.pk)
+        return any(
+            not pending.get(s.pk, set()) & {"name", "parentId", "*"} for s in siblings
+        )
+
+    def validate_final(self, ctx):
+        clash = (
+            self.live(ctx)
+            .select(Mailbox.parent_pk, Mailbox.name)
+            .group_by(Mailbox.parent_pk, Mailbox.name)
+            .having(peewee.fn.COUNT(Mailbox.pk) > 1)
+            .first()
+        )
+        if clash is not None:
+            raise MethodError("invalidArguments",
+                              f"the changes leave two sibling Mailboxes named {clash.name!r}")
+
+    def _height(self, ctx, pk: int) -> int:
+        """Levels in the subtree under a Mailbox, itself included."""
+        height, level = 0, [pk]
+        while level and height <= MAX_MAILBOX_DEPTH:
+            height += 1
+            level = [c for (c,) in self.live(ctx).select(Mailbox.pk)
+                     .where(Mailbox.parent_pk.in_(level)).tuples()]
+        return height
 
     def _is_descendant(self, pk: int, ancestor_pk: int) -> bool:
         seen = set()
@@ -3139,7 +3267,8 @@ def http_api(app: App) -> bottle.HTTPResponse:
     with _Slot(app, user, "maxConcurrentRequests", app.cfg.max_concurrent_requests):
         raw_body = http_read_body(app, app.cfg.max_size_request, "maxSizeRequest")
         try:
-            response = engine_run(app, user, raw_body)
+            response = engine_run(app, user, raw_body,
+                                  bottle.request.environ.get("CONTENT_TYPE") or "")
         except RequestError as exc:
             log.info("api #%d %s 400 %s", request_id, user.username, exc.kind)
             return bottle.HTTPResponse(

@@ -29,6 +29,7 @@ ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # RFC 8620 §1.2
 
 # ---- helpers: what any client does with the session's templates ----
 
+
 def fill(template, encode, **variables):
     """Expand a level-1 URI template: values raw, or percent-encoded as RFC 6570 says."""
     for name, value in variables.items():
@@ -41,23 +42,45 @@ def upload_url(client, account_id=None):
     return fill(client.session["uploadUrl"], True, accountId=account_id or client.account_id)
 
 
-def download_url(client, blob_id, name="file.bin", media_type="application/octet-stream",
-                 account_id=None, encode=True):
-    return fill(client.session["downloadUrl"], encode, accountId=account_id or client.account_id,
-                blobId=blob_id, name=name, type=media_type)
+def download_url(
+    client,
+    blob_id,
+    name="file.bin",
+    media_type="application/octet-stream",
+    account_id=None,
+    encode=True,
+):
+    return fill(
+        client.session["downloadUrl"],
+        encode,
+        accountId=account_id or client.account_id,
+        blobId=blob_id,
+        name=name,
+        type=media_type,
+    )
 
 
 def upload(client, body, media_type="application/octet-stream", account_id=None, **kwargs):
     headers = {} if media_type is None else {"Content-Type": media_type}
-    return client.http.post(upload_url(client, account_id), data=body, headers=headers,
-                            timeout=120, **kwargs)
+    return client.http.post(
+        upload_url(client, account_id), data=body, headers=headers, timeout=120, **kwargs
+    )
 
 
 def uploaded(client, body, media_type="application/octet-stream"):
-    """Upload that must succeed; return the response object."""
+    """Upload that must succeed; return its JSON answer."""
     r = upload(client, body, media_type)
     assert 200 <= r.status_code < 300, r.text
     return r.json()
+
+
+def content_blob_id(data):
+    """jmapd names blobs by content (section 4.4): the id an upload of `data` would get.
+
+    Lets a test name a blob that must never have been stored; the assumption itself is
+    checked by test_blob_upload_identical_content_same_blob_id.
+    """
+    return "B" + hashlib.sha256(data).hexdigest()
 
 
 def assert_problem(r, status, kind=None):
@@ -152,6 +175,7 @@ def small_client(small_server):
 
 # ---- upload and download (§6.1, §6.2) ----
 
+
 @pytest.mark.parametrize("media_type", ["application/pdf", "text/plain; charset=utf-8"])
 def test_blob_upload_download_round_trip(owner, media_type):
     body = pattern(5000, b"round trip") + bytes(range(256))
@@ -165,8 +189,11 @@ def test_blob_upload_download_round_trip(owner, media_type):
     assert answer["type"] == media_type
     assert answer["size"] == len(body)
 
-    d = owner.http.get(download_url(owner, answer["blobId"], "report.pdf", media_type),
-                        headers={"Accept-Encoding": "gzip, deflate, br"}, timeout=30)
+    d = owner.http.get(
+        download_url(owner, answer["blobId"], "report.pdf", media_type),
+        headers={"Accept-Encoding": "gzip, deflate, br"},
+        timeout=30,
+    )
     assert d.status_code == 200, d.text
     assert d.content == body
     assert d.headers["Content-Type"] == media_type
@@ -174,7 +201,9 @@ def test_blob_upload_download_round_trip(owner, media_type):
     assert int(d.headers["Content-Length"]) == len(body)
     disposition = d.headers["Content-Disposition"]
     assert disposition_filename(disposition) == "report.pdf"
-    cache = {token.strip().split("=")[0].lower() for token in d.headers["Cache-Control"].split(",")}
+    cache = {
+        token.strip().split("=")[0].lower() for token in d.headers["Cache-Control"].split(",")
+    }
     assert {"private", "immutable"} <= cache
 
 
@@ -182,8 +211,9 @@ def test_blob_upload_download_round_trip(owner, media_type):
 def test_blob_download_utf8_name(owner, encode):
     name = "Grüße 📎.txt"
     blob = uploaded(owner, "Grüße\n".encode(), "text/plain")
-    d = owner.http.get(download_url(owner, blob["blobId"], name, "text/plain", encode=encode),
-                        timeout=30)
+    d = owner.http.get(
+        download_url(owner, blob["blobId"], name, "text/plain", encode=encode), timeout=30
+    )
     assert d.status_code == 200, d.text
     assert d.content == "Grüße\n".encode()
     assert disposition_filename(d.headers["Content-Disposition"]) == name
@@ -202,12 +232,16 @@ def test_blob_download_head(owner):
     assert disposition_filename(h.headers["Content-Disposition"]) == "x.dat"
 
 
-
-@pytest.mark.xfail(WAITRESS_MAJOR < 3, strict=True, reason=(
-    "jmapd on waitress 2.1 (Debian 12): a HEAD of a download gets Content-Length but no "
-    "body, waitress 2.1 then closes the connection after the response without sending "
-    "'Connection: close', so a client reusing the kept-alive connection gets a reset; "
-    "waitress 3 fixed this, jmapd's 1.2 shims do not cover it"))
+@pytest.mark.xfail(
+    WAITRESS_MAJOR < 3,
+    strict=True,
+    reason=(
+        "jmapd on waitress 2.1 (Debian 12): a HEAD of a download gets Content-Length but no "
+        "body, waitress 2.1 then closes the connection after the response without sending "
+        "'Connection: close', so a client reusing the kept-alive connection gets a reset; "
+        "waitress 3 fixed this, jmapd's 1.2 shims do not cover it"
+    ),
+)
 def test_blob_download_head_keeps_connection(owner):
     """HTTP/1.1 persistence (RFC 9112 §9.3): after a HEAD the connection is still usable.
 
@@ -219,8 +253,10 @@ def test_blob_download_head_keeps_connection(owner):
     target = f"{url.path}?{url.query}"
     token = base64.b64encode(f"{owner.username}:{PASSWORD}".encode()).decode()
     common = f"Host: {url.netloc}\r\nAuthorization: Basic {token}\r\n"
-    wire = (f"HEAD {target} HTTP/1.1\r\n{common}\r\n"
-            f"GET {target} HTTP/1.1\r\n{common}Connection: close\r\n\r\n").encode()
+    wire = (
+        f"HEAD {target} HTTP/1.1\r\n{common}\r\n"
+        f"GET {target} HTTP/1.1\r\n{common}Connection: close\r\n\r\n"
+    ).encode()
     received = b""
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(wire)
@@ -235,11 +271,13 @@ def test_blob_download_head_keeps_connection(owner):
         assert received.count(b"HTTP/1.1 200") == 2, received
         assert received.endswith(b"\r\n\r\npersistent"), received
 
+
 def test_blob_upload_identical_content_same_blob_id(owner):
     body = pattern(2048, b"twice")
     first = uploaded(owner, body, "text/plain")
     second = uploaded(owner, body, "image/png")  # the blobId names the octets, not the type
     assert second["blobId"] == first["blobId"]
+    assert first["blobId"] == content_blob_id(body)
     assert second["type"] == "image/png"
     other = uploaded(owner, body + b"!")
     assert other["blobId"] != first["blobId"]
@@ -283,8 +321,9 @@ def test_blob_upload_large_streamed(own_server):
     assert r.json()["size"] == size
 
     got, length = hashlib.sha256(), 0
-    with cl.http.get(download_url(cl, r.json()["blobId"], "large.bin"), stream=True,
-                     timeout=120) as d:
+    with cl.http.get(
+        download_url(cl, r.json()["blobId"], "large.bin"), stream=True, timeout=120
+    ) as d:
         assert d.status_code == 200
         for chunk in d.iter_content(piece):
             got.update(chunk)
@@ -298,6 +337,7 @@ def test_blob_upload_large_streamed(own_server):
 
 
 # ---- maxSizeUpload (§2, §3.6.1, §6.1) ----
+
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 @pytest.mark.parametrize("size", [999, 1000])
@@ -321,14 +361,20 @@ def test_blob_upload_size_limit_over(small_client, size, chunked):
     problem = assert_problem(r, 400, LIMIT)
     assert problem["limit"] == "maxSizeUpload"
     # nothing was stored under the content's id
-    blob_id = "B" + hashlib.sha256(body).hexdigest()
-    assert small_client.http.get(download_url(small_client, blob_id), timeout=30).status_code == 404
+    blob_id = content_blob_id(body)
+    assert (
+        small_client.http.get(download_url(small_client, blob_id), timeout=30).status_code == 404
+    )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jmapd bug: waitress is given max_request_body_size=2*max(maxSizeUpload, maxSizeRequest)"
-    "+1 MiB, and a body over that cap is refused by waitress itself with a text/plain "
-    "'413 Request Entity Too Large', not the RFC 8620 §6.1/§3.6.1 limit problem"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "jmapd bug: waitress is given max_request_body_size=2*max(maxSizeUpload, maxSizeRequest)"
+        "+1 MiB, and a body over that cap is refused by waitress itself with a text/plain "
+        "'413 Request Entity Too Large', not the RFC 8620 §6.1/§3.6.1 limit problem"
+    ),
+)
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_blob_upload_far_over_limit_is_jmap_problem(small_client, chunked):
     body = pattern(3 * 2**20, b"far over")  # > 2*1000 + 1 MiB
@@ -338,6 +384,7 @@ def test_blob_upload_far_over_limit_is_jmap_problem(small_client, chunked):
 
 
 # ---- the URL templates (§6.1, §6.2; RFC 6570 level 1) ----
+
 
 @pytest.mark.parametrize("encode", [True, False], ids=["percent-encoded", "raw"])
 @pytest.mark.parametrize("name", ["dir/sub dir/mail copy.eml", "plain.eml", "a b  c.eml"])
@@ -361,6 +408,7 @@ def test_blob_upload_template_raw_account_id(owner):
 
 # ---- who may see what (§6, §6.1, §6.2) ----
 
+
 def test_blob_download_other_user_refused(owner, stranger):
     body = pattern(100, b"private")
     blob = uploaded(owner, body)
@@ -368,8 +416,9 @@ def test_blob_download_other_user_refused(owner, stranger):
     r = stranger.http.get(download_url(stranger, blob["blobId"]), timeout=30)
     assert_problem(r, 404)
     # the other user, naming the owner's account: no such account (for them)
-    r = stranger.http.get(download_url(stranger, blob["blobId"],
-                                            account_id=owner.account_id), timeout=30)
+    r = stranger.http.get(
+        download_url(stranger, blob["blobId"], account_id=owner.account_id), timeout=30
+    )
     problem = assert_problem(r, 404)
     assert "account" in problem["detail"]
     # and the owner still can
@@ -386,9 +435,16 @@ def test_blob_same_content_other_user_gets_own_reference(owner, stranger):
         assert cl.http.get(download_url(cl, blob["blobId"]), timeout=30).content == body
 
 
-@pytest.mark.parametrize("bad_id", [
-    "nonsense", "B" + "0" * 64, "B" + "A" * 64, "B" + "0" * 63, "x" * 255,
-])
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "nonsense",
+        "B" + "0" * 64,
+        "B" + "A" * 64,
+        "B" + "0" * 63,
+        "x" * 255,
+    ],
+)
 def test_blob_download_unknown_blob(owner, bad_id):
     r = owner.http.get(download_url(owner, bad_id), timeout=30)
     assert_problem(r, 404)
@@ -405,8 +461,13 @@ def test_blob_requires_auth(owner):
     blob = uploaded(owner, b"secret")
     for auth in (None, (owner.username, PASSWORD + "x")):
         down = requests.get(download_url(owner, blob["blobId"]), auth=auth, timeout=30)
-        up = requests.post(upload_url(owner), data=b"x", auth=auth,
-                           headers={"Content-Type": "text/plain"}, timeout=30)
+        up = requests.post(
+            upload_url(owner),
+            data=b"x",
+            auth=auth,
+            headers={"Content-Type": "text/plain"},
+            timeout=30,
+        )
         for r in (down, up):
             assert_problem(r, 401)
             assert r.headers["WWW-Authenticate"].lower().startswith("basic")
@@ -417,7 +478,7 @@ def test_blob_upload_to_other_account_refused(owner, stranger):
     r = upload(stranger, b"intruder", "text/plain", account_id=owner.account_id)
     assert_problem(r, 404)
     # nothing arrived in the owner's account
-    blob_id = "B" + hashlib.sha256(b"intruder").hexdigest()
+    blob_id = content_blob_id(b"intruder")
     assert_problem(owner.http.get(download_url(owner, blob_id), timeout=30), 404)
 
 
@@ -427,21 +488,34 @@ def test_blob_upload_unknown_account(owner):
 
 # ---- Blob/copy (§6.3) ----
 
+
 def test_blob_copy_same_account_refused(owner):
     """§6.3 copies *between* two different accounts (as §5.4: accountId MUST differ)."""
     blob = uploaded(owner, b"copy me")
-    name, args, _ = owner.call("Blob/copy", {"fromAccountId": owner.account_id,
-                                              "accountId": owner.account_id,
-                                              "blobIds": [blob["blobId"]]}, using=[CORE])
+    name, args, _ = owner.call(
+        "Blob/copy",
+        {
+            "fromAccountId": owner.account_id,
+            "accountId": owner.account_id,
+            "blobIds": [blob["blobId"]],
+        },
+        using=[CORE],
+    )
     assert name == "error"
     assert args["type"] == "invalidArguments"
 
 
 def test_blob_copy_from_other_users_account(owner, stranger):
     blob = uploaded(owner, b"not yours")
-    name, args, _ = stranger.call("Blob/copy", {"fromAccountId": owner.account_id,
-                                                    "accountId": stranger.account_id,
-                                                    "blobIds": [blob["blobId"]]}, using=[CORE])
+    name, args, _ = stranger.call(
+        "Blob/copy",
+        {
+            "fromAccountId": owner.account_id,
+            "accountId": stranger.account_id,
+            "blobIds": [blob["blobId"]],
+        },
+        using=[CORE],
+    )
     assert name == "error"
     assert args["type"] == "fromAccountNotFound"
     r = stranger.http.get(download_url(stranger, blob["blobId"]), timeout=30)
@@ -449,17 +523,25 @@ def test_blob_copy_from_other_users_account(owner, stranger):
 
 
 def test_blob_copy_from_unknown_account(owner):
-    name, args, _ = owner.call("Blob/copy", {"fromAccountId": "Anonexistent",
-                                              "accountId": owner.account_id,
-                                              "blobIds": []}, using=[CORE])
+    name, args, _ = owner.call(
+        "Blob/copy",
+        {"fromAccountId": "Anonexistent", "accountId": owner.account_id, "blobIds": []},
+        using=[CORE],
+    )
     assert (name, args["type"]) == ("error", "fromAccountNotFound")
 
 
 def test_blob_copy_into_other_users_account(owner, stranger):
     blob = uploaded(owner, b"push it over")
-    name, args, _ = owner.call("Blob/copy", {"fromAccountId": owner.account_id,
-                                              "accountId": stranger.account_id,
-                                              "blobIds": [blob["blobId"]]}, using=[CORE])
+    name, args, _ = owner.call(
+        "Blob/copy",
+        {
+            "fromAccountId": owner.account_id,
+            "accountId": stranger.account_id,
+            "blobIds": [blob["blobId"]],
+        },
+        using=[CORE],
+    )
     assert (name, args["type"]) == ("error", "accountNotFound")
     r = stranger.http.get(download_url(stranger, blob["blobId"]), timeout=30)
     assert_problem(r, 404)
@@ -467,31 +549,51 @@ def test_blob_copy_into_other_users_account(owner, stranger):
 
 def test_blob_copy_needs_core_capability(owner):
     """RFC 8620 §2: the server behaves as though it implements only what `using` opts into."""
-    name, args, _ = owner.call("Blob/copy", {"fromAccountId": "Anonexistent",
-                                              "accountId": owner.account_id,
-                                              "blobIds": []}, using=[MAIL])
+    name, args, _ = owner.call(
+        "Blob/copy",
+        {"fromAccountId": "Anonexistent", "accountId": owner.account_id, "blobIds": []},
+        using=[MAIL],
+    )
     assert (name, args["type"]) == ("error", "unknownMethod")
 
 
 def test_blob_copy_unknown_capability(owner):
-    r = owner.post({"using": [CORE, "https://example.com/apis/foobar"],
-                     "methodCalls": [["Blob/copy", {"fromAccountId": "Anonexistent",
-                                                    "accountId": owner.account_id,
-                                                    "blobIds": []}, "c0"]]})
+    r = owner.post(
+        {
+            "using": [CORE, "https://example.com/apis/foobar"],
+            "methodCalls": [
+                [
+                    "Blob/copy",
+                    {
+                        "fromAccountId": "Anonexistent",
+                        "accountId": owner.account_id,
+                        "blobIds": [],
+                    },
+                    "c0",
+                ]
+            ],
+        }
+    )
     assert_problem(r, 400, "urn:ietf:params:jmap:error:unknownCapability")
 
 
 def test_blob_copy_bad_arguments(owner):
-    for args in ({"accountId": owner.account_id, "blobIds": []},
-                 {"fromAccountId": "Anonexistent", "accountId": owner.account_id,
-                  "blobIds": "Bxyz"},
-                 {"fromAccountId": "Anonexistent", "accountId": owner.account_id,
-                  "blobIds": [], "extra": 1}):
+    for args in (
+        {"accountId": owner.account_id, "blobIds": []},
+        {"fromAccountId": "Anonexistent", "accountId": owner.account_id, "blobIds": "Bxyz"},
+        {
+            "fromAccountId": "Anonexistent",
+            "accountId": owner.account_id,
+            "blobIds": [],
+            "extra": 1,
+        },
+    ):
         name, out, _ = owner.call("Blob/copy", args, using=[CORE])
         assert (name, out["type"]) == ("error", "invalidArguments"), args
 
 
 # ---- unreferenced uploads expire (§6) ----
+
 
 def test_blob_upload_expires(tmp_path):
     """Kept at least 1 hour (jmapd: 24 h), re-upload resets the expiry, then gone; check ok."""
@@ -545,6 +647,7 @@ def test_blob_upload_expires(tmp_path):
 
 # ---- maxConcurrentUpload (§2) ----
 
+
 def test_blob_upload_max_concurrent(own_server):
     """With maxConcurrentUpload 1, of two uploads in flight at once exactly one is refused.
 
@@ -564,11 +667,11 @@ def test_blob_upload_max_concurrent(own_server):
         try:
             lock.execute("BEGIN IMMEDIATE")
             # one HTTP session each: requests.Session is not meant to be shared by threads
-            futures = [pool.submit(upload, Client(srv.url, cl.username), body)
-                       for body in bodies]
+            futures = [pool.submit(upload, Client(srv.url, cl.username), body) for body in bodies]
             # the refused one answers at once; the admitted one waits for the database
-            concurrent.futures.wait(futures, timeout=8,
-                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            concurrent.futures.wait(
+                futures, timeout=8, return_when=concurrent.futures.FIRST_COMPLETED
+            )
         finally:
             lock.rollback()
             lock.close()
@@ -580,4 +683,3 @@ def test_blob_upload_max_concurrent(own_server):
     # the slot is free again, for a new upload as for the one refused
     refused_body = bodies[0] if responses[0] is refused[0] else bodies[1]
     assert uploaded(cl, refused_body)["size"] == 5000
-

@@ -56,7 +56,7 @@ class TlsTerminator(requests.adapters.HTTPAdapter):
     def send(self, request, **kwargs):
         assert request.url.startswith(self.public_origin + "/"), request.url
         inner = request.copy()
-        inner.url = self.backend + request.url[len(self.public_origin):]
+        inner.url = self.backend + request.url[len(self.public_origin) :]
         inner.headers.update(self.extra_headers)
         response = super().send(inner, **kwargs)
         self.seen.append((request.method, request.path_url, response.status_code))
@@ -97,14 +97,20 @@ def jmap(proxied_server):
 def test_jmapc_session_discovery(jmap):
     session = jmap.jmap_session
     # jmapc asked for /.well-known/jmap and followed the redirect to the session (§2.2)
-    assert [(m, p) for m, p, _ in jmap.proxy.seen] == [("GET", "/.well-known/jmap"),
-                                                        ("GET", "/jmap/session")]
+    assert [(m, p) for m, p, _ in jmap.proxy.seen] == [
+        ("GET", "/.well-known/jmap"),
+        ("GET", "/jmap/session"),
+    ]
     assert jmap.proxy.seen[0][2] in (301, 302, 307, 308)
     assert jmap.proxy.seen[1][2] == 200
     assert session.username == jmap.requests_session.auth.username
     base = f"https://{PUBLIC_HOST}/"
-    for url in (session.api_url, session.upload_url, session.download_url,
-                session.event_source_url):
+    for url in (
+        session.api_url,
+        session.upload_url,
+        session.download_url,
+        session.event_source_url,
+    ):
         assert url.startswith(base), url
     assert session.capabilities.core.max_size_upload == 50_000_000
     assert "i;unicode-casemap" in session.capabilities.core.collation_algorithms
@@ -129,10 +135,13 @@ def test_jmapc_mailbox_get_roles(jmap):
 
 
 def test_jmapc_mailbox_query_with_result_reference(jmap):
-    query, got = jmap.request([
-        MailboxQuery(filter=MailboxQueryFilterCondition(role="trash")),
-        MailboxGet(ids=Ref("/ids")),
-    ], raise_errors=True)
+    query, got = jmap.request(
+        [
+            MailboxQuery(filter=MailboxQueryFilterCondition(role="trash")),
+            MailboxGet(ids=Ref("/ids")),
+        ],
+        raise_errors=True,
+    )
     assert isinstance(query.response, MailboxQueryResponse)
     assert len(query.response.ids) == 1
     assert [m.role for m in got.response.data] == ["trash"]
@@ -172,18 +181,21 @@ def test_jmapc_blob_upload_download(jmap, tmp_path, file_name):
     assert blob.size == len(content)
 
     target = tmp_path / "downloaded"
-    jmap.download_attachment(EmailBodyPart(blob_id=blob.id, name=file_name, type=blob.type),
-                             target)
+    jmap.download_attachment(
+        EmailBodyPart(blob_id=blob.id, name=file_name, type=blob.type), target
+    )
     assert target.read_bytes() == content
     assert ("GET", f"/jmap/download/{jmap.account_id}/{blob.id}", 200) in [
-        (m, "/".join(p.split("/")[:5]), s) for m, p, s in jmap.proxy.seen]
+        (m, "/".join(p.split("/")[:5]), s) for m, p, s in jmap.proxy.seen
+    ]
 
 
 def test_jmapc_bearer_token(proxied_server):
     username = f"jmapc{next(_users)}@example.com"
     add_user(proxied_server.data_dir, username)
-    made = run_cli("user", "token", "add", username, "jmapc test",
-                   data_dir=proxied_server.data_dir)
+    made = run_cli(
+        "user", "token", "add", username, "jmapc test", data_dir=proxied_server.data_dir
+    )
     assert made.returncode == 0, made.stderr
     client = jmapc.Client.create_with_api_token(host=PUBLIC_HOST, api_token=made.stdout.strip())
     client.backend_url = proxied_server.url
@@ -193,8 +205,9 @@ def test_jmapc_bearer_token(proxied_server):
 
 
 def test_jmapc_wrong_password_refused(proxied_server):
-    client = jmapc.Client.create_with_password(host=PUBLIC_HOST, user="first@example.com",
-                                               password=PASSWORD + "x")
+    client = jmapc.Client.create_with_password(
+        host=PUBLIC_HOST, user="first@example.com", password=PASSWORD + "x"
+    )
     client.backend_url = proxied_server.url
     connect(client)
     with pytest.raises(requests.HTTPError) as failed:
@@ -210,13 +223,18 @@ def test_jmapc_method_error(jmap):
         jmap.request(MailboxGet(ids=None, properties=["noSuchProperty"]), raise_errors=True)
 
 
-@pytest.mark.xfail(WAITRESS_MAJOR >= 3, strict=True, reason=(
-    "jmapd bug: with waitress 3.x, --trusted-proxy has no effect. waitress's own "
-    "clear_untrusted_proxy_headers defaults to True in 3.x and jmapd's waitress_server() "
-    "shim does not turn it off, so X-Forwarded-Proto/-For/-Host are deleted before "
-    "http_apply_proxy_headers() sees them: the session (and the /.well-known/jmap "
-    "redirect) say http:// behind a TLS proxy, and requests drops the credentials on the "
-    "https -> http redirect (401)"))
+@pytest.mark.xfail(
+    WAITRESS_MAJOR >= 3,
+    strict=True,
+    reason=(
+        "jmapd bug: with waitress 3.x, --trusted-proxy has no effect. waitress's own "
+        "clear_untrusted_proxy_headers defaults to True in 3.x and jmapd's waitress_server() "
+        "shim does not turn it off, so X-Forwarded-Proto/-For/-Host are deleted before "
+        "http_apply_proxy_headers() sees them: the session (and the /.well-known/jmap "
+        "redirect) say http:// behind a TLS proxy, and requests drops the credentials on the "
+        "https -> http redirect (401)"
+    ),
+)
 def test_jmapc_behind_trusted_proxy(tmp_path):
     """The other deployment: no --public-url, the proxy sends X-Forwarded-Proto: https."""
     data_dir = tmp_path / "data"
@@ -224,12 +242,14 @@ def test_jmapc_behind_trusted_proxy(tmp_path):
     srv = Server(data_dir, "--trusted-proxy", "127.0.0.1").start()
     try:
         origin = srv.url.split("://", 1)[1]  # the Host the proxy passes on
-        client = jmapc.Client.create_with_password(host=origin, user="proxied@example.com",
-                                                   password=PASSWORD)
-        client.requests_session.mount(f"https://{origin}/", TlsTerminator(
-            f"https://{origin}", srv.url, {"X-Forwarded-Proto": "https"}))
+        client = jmapc.Client.create_with_password(
+            host=origin, user="proxied@example.com", password=PASSWORD
+        )
+        client.requests_session.mount(
+            f"https://{origin}/",
+            TlsTerminator(f"https://{origin}", srv.url, {"X-Forwarded-Proto": "https"}),
+        )
         assert client.jmap_session.api_url == f"https://{origin}/jmap/api/"
         assert client.request(CoreEcho(data={"ok": 1})).data == {"ok": 1}
     finally:
         srv.stop()
-
