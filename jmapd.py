@@ -128,6 +128,54 @@ def waitress_server(app, *, sockets: list, threads: int, max_body: int):
     )
 
 
+def waitress_jmap_body_limit() -> None:
+    """Make waitress refuse a body over its cap with the JMAP limit problem, not a bare 413.
+
+    waitress answers such bodies itself (text/plain 413) before the app runs; its
+    ErrorTask.execute is the same in 2.1 and 3.x. Only `serve` installs this.
+    """
+    from waitress import task, utilities  # lazy: serve only
+
+    plain_execute = task.ErrorTask.execute
+
+    def execute(self):
+        if not isinstance(self.request.error, utilities.RequestEntityTooLarge):
+            return plain_execute(self)
+        upload = (self.request.path or "").startswith("/jmap/upload")
+        name = "maxSizeUpload" if upload else "maxSizeRequest"
+        body = json_dumps({"type": PROBLEM_PREFIX + "limit", "status": 400, "limit": name,
+                           "detail": "the request body is larger than the server accepts"})
+        self.status = "400 Bad Request"
+        self.response_headers.append(("Content-Type", "application/problem+json"))
+        self.response_headers.append(("Connection", "close"))  # the body was not read
+        self.close_on_finish = True
+        self.content_length = len(body.encode())
+        self.write(body.encode())
+
+    task.ErrorTask.execute = execute
+
+
+def waitress_say_close() -> None:
+    """Send `Connection: close` whenever waitress has already decided to close.
+
+    waitress 2.1 closes a kept-alive connection after a HEAD answer with a Content-Length
+    (no body follows) without telling the client, whose next request on it then fails.
+    waitress 3 no longer does that; there the header is already present and this is a no-op.
+    """
+    from waitress import task  # lazy: serve only
+
+    plain_build = task.Task.build_response_header
+
+    def build_response_header(self):
+        if self.close_on_finish and not any(
+            name.lower() == "connection" for name, _ in self.response_headers
+        ):
+            self.response_headers.append(("Connection", "close"))
+        return plain_build(self)
+
+    task.Task.build_response_header = build_response_header
+
+
 def waitress_run_until(server, stopping: threading.Event, on_stop: Callable) -> None:
     """Run waitress's loop until `stopping`; then stop accepting and let requests finish.
 
@@ -3118,8 +3166,10 @@ def http_middleware(app: App, web: bottle.Bottle):
             start_response("204 No Content", list(CORS_PREFLIGHT.items()))
             return [b""]
 
+        extra = list(CORS_HEADERS.items())
+
         def start_with_cors(status, headers, exc_info=None):
-            return start_response(status, headers + list(CORS_HEADERS.items()), exc_info)
+            return start_response(status, headers + extra, exc_info)
 
         return web(environ, start_with_cors)
 
@@ -3667,6 +3717,8 @@ def cmd_serve(cfg: Config) -> int:
     import tempfile  # lazy: only serve spools uploads
 
     started = time.monotonic()
+    waitress_jmap_body_limit()
+    waitress_say_close()
     db_open(cfg.data_dir, create=True)
     tempfile.tempdir = blob_tmp_dir(cfg.data_dir)  # waitress spools large bodies here
     app = make_app(cfg)

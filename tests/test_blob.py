@@ -232,16 +232,6 @@ def test_blob_download_head(owner):
     assert disposition_filename(h.headers["Content-Disposition"]) == "x.dat"
 
 
-@pytest.mark.xfail(
-    WAITRESS_MAJOR < 3,
-    strict=True,
-    reason=(
-        "jmapd on waitress 2.1 (Debian 12): a HEAD of a download gets Content-Length but no "
-        "body, waitress 2.1 then closes the connection after the response without sending "
-        "'Connection: close', so a client reusing the kept-alive connection gets a reset; "
-        "waitress 3 fixed this, jmapd's 1.2 shims do not cover it"
-    ),
-)
 def test_blob_download_head_keeps_connection(owner):
     """HTTP/1.1 persistence (RFC 9112 §9.3): after a HEAD the connection is still usable.
 
@@ -367,14 +357,6 @@ def test_blob_upload_size_limit_over(small_client, size, chunked):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "jmapd bug: waitress is given max_request_body_size=2*max(maxSizeUpload, maxSizeRequest)"
-        "+1 MiB, and a body over that cap is refused by waitress itself with a text/plain "
-        "'413 Request Entity Too Large', not the RFC 8620 §6.1/§3.6.1 limit problem"
-    ),
-)
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_blob_upload_far_over_limit_is_jmap_problem(small_client, chunked):
     body = pattern(3 * 2**20, b"far over")  # > 2*1000 + 1 MiB

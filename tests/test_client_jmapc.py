@@ -12,7 +12,6 @@ jmapd subprocess on 127.0.0.1 (no certificates, no extra process). jmapd runs wi
 `--public-url https://jmap.example`, as it would behind such a proxy.
 """
 
-import importlib.metadata
 import itertools
 import mimetypes
 
@@ -36,7 +35,6 @@ from conftest import PASSWORD, Server, add_user, run_cli
 
 PUBLIC_HOST = "jmap.example"
 ROLES = {"inbox", "drafts", "sent", "archive", "junk", "trash"}
-WAITRESS_MAJOR = int(importlib.metadata.version("waitress").split(".")[0])
 
 
 class TlsTerminator(requests.adapters.HTTPAdapter):
@@ -223,20 +221,13 @@ def test_jmapc_method_error(jmap):
         jmap.request(MailboxGet(ids=None, properties=["noSuchProperty"]), raise_errors=True)
 
 
-@pytest.mark.xfail(
-    WAITRESS_MAJOR >= 3,
-    strict=True,
-    reason=(
-        "jmapd bug: with waitress 3.x, --trusted-proxy has no effect. waitress's own "
-        "clear_untrusted_proxy_headers defaults to True in 3.x and jmapd's waitress_server() "
-        "shim does not turn it off, so X-Forwarded-Proto/-For/-Host are deleted before "
-        "http_apply_proxy_headers() sees them: the session (and the /.well-known/jmap "
-        "redirect) say http:// behind a TLS proxy, and requests drops the credentials on the "
-        "https -> http redirect (401)"
-    ),
-)
 def test_jmapc_behind_trusted_proxy(tmp_path):
-    """The other deployment: no --public-url, the proxy sends X-Forwarded-Proto: https."""
+    """The contrib/ deployment: --trusted-proxy 127.0.0.1, the proxy sends X-Forwarded-Proto.
+
+    Regression: with waitress 3, whose clear_untrusted_proxy_headers defaulted to True,
+    the headers were gone before jmapd's middleware saw them; the redirect and the
+    session said http://, and requests dropped the credentials on that redirect (401).
+    """
     data_dir = tmp_path / "data"
     add_user(data_dir, "proxied@example.com")
     srv = Server(data_dir, "--trusted-proxy", "127.0.0.1").start()

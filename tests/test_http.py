@@ -43,6 +43,7 @@ UNIX_SOCKET_BUG = ("jmapd bug: serve --unix-socket exits 1 with a traceback: wai
                    "not be mixed.' (waitress 2.1 and 3.x)")
 TOKEN_SHAPE = re.compile(r"^([A-Za-z0-9_-]{8,32})\.([A-Za-z0-9_-]{16,128})$")
 PROBLEM_TYPE = "application/problem+json"
+ALICE = "alice@example.com"
 
 
 # ---------------------------------------------------------------------------
@@ -562,6 +563,51 @@ def test_http_sigterm_finishes_request_in_flight(own_server):
         again.stop()
     expected = {spec["name"] for call in calls for spec in call[1]["create"].values()}
     assert expected <= names
+
+
+@pytest.mark.xfail(strict=True, reason="jmapd bug: _waitress_idle() ignores a channel's "
+                   "partly received request (channel.request), so SIGTERM during an upload "
+                   "body closes the connection (reset) instead of finishing the upload")
+def test_http_sigterm_finishes_upload_still_arriving(own_server):
+    srv = own_server(users=(ALICE,))
+    client = Client(srv.url, ALICE)
+    upload_url = client.session["uploadUrl"].replace("{accountId}", client.account_id)
+    path = upload_url[len(srv.url):]
+    chunk, chunks = secrets.token_bytes(100_000), 20
+    with socket.create_connection(("127.0.0.1", port_of(srv.url)), timeout=30) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port_of(srv.url)}\r\n"
+                      f"Authorization: {basic(ALICE, PASSWORD)}\r\n"
+                      f"Content-Type: application/octet-stream\r\n"
+                      f"Content-Length: {len(chunk) * chunks}\r\nConnection: close\r\n\r\n"
+                      ).encode())
+        for n in range(chunks):  # a phone on a slow link: the body trickles in
+            sock.sendall(chunk)
+            if n == 3:
+                srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        response = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 201"), response[:300]
+    uploaded = json.loads(body)
+    assert uploaded["size"] == len(chunk) * chunks
+    assert srv.proc.wait(60) == 0
+
+    again = Server(srv.data_dir).start()
+    try:
+        after = Client(again.url, ALICE)
+        url = (after.session["downloadUrl"].replace("{accountId}", after.account_id)
+               .replace("{blobId}", uploaded["blobId"]).replace("{name}", "x")
+               .replace("{type}", "application/octet-stream"))
+        r = after.http.get(url, timeout=30)
+        assert r.status_code == 200
+        assert r.content == chunk * chunks
+    finally:
+        again.stop()
 
 
 def start_with_env(data_dir, log_path, env, *extra):
