@@ -114,18 +114,29 @@ def argon2_hasher(time_cost: int, memory_kib: int, parallelism: int) -> argon2.P
 
 
 def waitress_server(app, *, sockets: list, threads: int, max_body: int):
-    """Create a waitress server on already-bound sockets (same call in waitress 2.1 and 3.x)."""
-    return waitress.create_server(
-        app,
-        sockets=sockets,
-        threads=threads,
-        ident="jmapd",
-        channel_timeout=300,
-        max_request_body_size=max_body,
-        # Our middleware (section 13) honours or strips X-Forwarded-* itself: waitress 3
-        # would strip them all before it, and waitress 2.1 would pass them through.
-        clear_untrusted_proxy_headers=False,
-    )
+    """Create waitress servers on already-bound sockets, sharing one loop and thread pool.
+
+    waitress (2.1 and 3.x) refuses TCP and Unix sockets in one server, so each socket
+    gets its own server on a shared map and task dispatcher; the first is returned.
+    """
+    channels: dict = {}
+    first = None
+    for sock in sockets:
+        server = waitress.create_server(
+            app,
+            map=channels,
+            _dispatcher=first.task_dispatcher if first else None,
+            sockets=[sock],
+            threads=threads,
+            ident="jmapd",
+            channel_timeout=300,
+            max_request_body_size=max_body,
+            # Our middleware (section 13) honours or strips X-Forwarded-* itself: waitress 3
+            # would strip them all before it, and waitress 2.1 would pass them through.
+            clear_untrusted_proxy_headers=False,
+        )
+        first = first or server
+    return first
 
 
 def waitress_jmap_body_limit() -> None:
@@ -206,8 +217,12 @@ def _waitress_idle(server, channels: dict) -> bool:
     dispatcher = server.task_dispatcher
     if dispatcher.queue or dispatcher.active_count:
         return False
-    return not any(getattr(c, "requests", None) or getattr(c, "total_outbufs_len", 0)
-                   for c in channels.values())
+    return not any(
+        getattr(c, "requests", None)  # being served
+        or getattr(c, "request", None)  # partly received (an upload still arriving)
+        or getattr(c, "total_outbufs_len", 0)  # answer not yet sent
+        for c in channels.values()
+    )
 
 
 # =============================================================================
@@ -1387,10 +1402,12 @@ class Authenticator:
     def check_credentials(self, username: str | None, secret: str, address: str):
         """Verify a username and password or app password (username None: a Bearer token)."""
         key = hmac.new(self.cache_key, f"{username}\0{secret}".encode(), "sha256").digest()
+        # The limiter comes first: else, once over the limit, a guess that matches a
+        # cached credential (200) could still be told from one that does not (429).
+        self.limiter.check(address, username)
         account = self._cached(key)
         if account is not None:
             return account
-        self.limiter.check(address, username)
         found = self._verify_uncached(username, secret)
         if found is None:
             self.limiter.fail(address, username)
@@ -3768,6 +3785,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jmapd: {exc}", file=sys.stderr)
         return 2
     logging_setup(cfg.log_level)
+    os.umask(os.umask(0o027) | 0o027)  # mail is private: no file of ours is world-readable
     handler = COMMAND_HANDLERS.get(cfg.command, cmd_user)
     try:
         return handler(cfg)

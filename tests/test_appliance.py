@@ -10,7 +10,6 @@ for real with contrib/nginx.conf and contrib/jmapd-proxy.conf (skipped where not
 """
 
 import hashlib
-import importlib.metadata
 import os
 import re
 import secrets
@@ -29,15 +28,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from conftest import CORE, JMAPD, MAIL, PASSWORD, ROOT, USING, Client, Server, add_user, run_cli
+from conftest import CORE, JMAPD, PASSWORD, ROOT, USING, Client, Server, add_user, run_cli
 
 UNIT = ROOT / "jmapd.service"
 CONTRIB = ROOT / "contrib"
-WAITRESS_MAJOR = int(importlib.metadata.version("waitress").split(".")[0])
-FORWARDED_BUG = ("jmapd bug: with waitress >= 3, waitress_server() does not pass "
-                 "clear_untrusted_proxy_headers=False, so waitress deletes X-Forwarded-* before "
-                 "http_apply_proxy_headers runs: behind nginx the session URLs say "
-                 "http://127.0.0.1/... and every client shares the proxy's address")
 ALICE = "alice@example.com"
 BOB, CAROL = "bob@example.com", "carol@example.com"  # never cached: see test_http
 
@@ -204,9 +198,6 @@ def test_appliance_unit_settings():
     assert seconds > drain, (stop, drain)
 
 
-@pytest.mark.xfail(strict=True, reason="unit bug: contrib/nginx.conf suggests --unix-socket "
-                   "/run/jmapd/http.sock, but jmapd.service has no RuntimeDirectory=jmapd (nor "
-                   "ReadWritePaths), and ProtectSystem=strict leaves /run read-only")
 def test_appliance_unit_allows_the_unix_socket_contrib_suggests():
     match = re.search(r"--unix-socket\s+(/\S+)", (CONTRIB / "nginx.conf").read_text())
     if not match:
@@ -622,7 +613,6 @@ def test_appliance_nginx_config_test_accepts_rendered_config(proxied):
 
 
 @needs_nginx
-@pytest.mark.xfail(WAITRESS_MAJOR >= 3, strict=True, reason=FORWARDED_BUG)
 def test_appliance_nginx_well_known_redirects_to_https(proxied):
     r = requests.get(proxied.base + "/.well-known/jmap", allow_redirects=False,
                      verify=str(proxied.cert), timeout=30)
@@ -631,7 +621,6 @@ def test_appliance_nginx_well_known_redirects_to_https(proxied):
 
 
 @needs_nginx
-@pytest.mark.xfail(WAITRESS_MAJOR >= 3, strict=True, reason=FORWARDED_BUG)
 def test_appliance_nginx_session_urls_are_https_on_nginx(proxied):
     session = proxied.client().session
     assert session["apiUrl"] == f"{proxied.base}/jmap/api/"
@@ -672,7 +661,6 @@ def test_appliance_nginx_upload_download_3mb(proxied):
 
 
 @needs_nginx
-@pytest.mark.xfail(WAITRESS_MAJOR >= 3, strict=True, reason=FORWARDED_BUG)
 def test_appliance_nginx_forged_x_forwarded_for_is_not_the_client(proxied):
     """Runs last in this module: it spends [::1]'s login-failure budget on purpose.
 
