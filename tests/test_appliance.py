@@ -6,7 +6,8 @@ RFC 8620 §2 (session URLs behind a proxy), §2.2 (/.well-known/jmap, RFC 8615),
 ($proxy_add_x_forwarded_for); systemd.exec(5)/systemd.service(5) and sd_notify(3).
 
 The unit is checked with `systemd-analyze` and by running its ExecStart line; nginx is run
-for real with contrib/nginx.conf and contrib/jmapd-proxy.conf (skipped where not installed).
+for real with contrib/nginx.conf and contrib/jmapd-proxy.conf, and Caddy with
+contrib/Caddyfile (each skipped where not installed).
 """
 
 import hashlib
@@ -688,3 +689,253 @@ def test_appliance_nginx_forged_x_forwarded_for_is_not_the_client(proxied):
     fresh = requests.get(proxied.base + "/jmap/session", auth=(CAROL, PASSWORD),
                          verify=cert, timeout=30)
     assert fresh.status_code == 200, fresh.text
+
+
+# ---------------------------------------------------------------------------
+# Caddy in front (contrib/Caddyfile), for real
+# ---------------------------------------------------------------------------
+
+CADDY = shutil.which("caddy")
+needs_caddy = pytest.mark.skipif(CADDY is None, reason="caddy is not installed")
+
+
+def caddy_env(home):
+    """Caddy's environment with HOME and the XDG folders inside `home` (a tmp dir)."""
+    env = {**os.environ}
+    for name in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        env[name] = str(home / name.lower())
+        os.makedirs(env[name], exist_ok=True)
+    return env
+
+
+def render_caddyfile(jmapd_port, caddy_port, ipv6):
+    """contrib/Caddyfile with this test's addresses; its site block otherwise as shipped.
+
+    The global options keep Caddy on loopback and off the network and the system: no admin
+    endpoint, no port-80 redirect listener, certificates from its own local CA (in the tmp
+    data folder) instead of ACME, and that CA not installed into any trust store.
+    """
+    text = (CONTRIB / "Caddyfile").read_text()
+    sites = f"https://127.0.0.1:{caddy_port}"
+    if ipv6:
+        sites += f", https://[::1]:{caddy_port}"
+    substitutions = [
+        (r"^mail\.example\.com(\s*\{)", sites + r"\1", 1),
+        (r"(reverse_proxy\s+\S+\s+)127\.0\.0\.1:8080\b", rf"\g<1>127.0.0.1:{jmapd_port}", 2),
+    ]
+    for pattern, replacement, count in substitutions:
+        text, made = re.subn(pattern, replacement, text, flags=re.M)
+        assert made == count, f"contrib/Caddyfile: {pattern!r} found {made} times"
+    binds = "127.0.0.1 [::1]" if ipv6 else "127.0.0.1"
+    options = "\n".join(["{", "\tadmin off", f"\tdefault_bind {binds}",
+                         "\tauto_https disable_redirects", "\tlocal_certs",
+                         "\tskip_install_trust", "}", "", ""])
+    return options + text
+
+
+class CaddyProxied:
+    """jmapd behind a real Caddy configured from contrib/Caddyfile."""
+
+    def __init__(self, tmp_path_factory):
+        self.ipv6 = have_ipv6_loopback()
+        self.prefix = tmp_path_factory.mktemp("caddy")
+        self.env = caddy_env(self.prefix)
+        self.conf = self.prefix / "Caddyfile"
+        self.root = (Path(self.env["XDG_DATA_HOME"]) / "caddy" / "pki" / "authorities"
+                     / "local" / "root.crt")
+        self.jmapd = self.proc = self.log = None
+
+    def start(self):
+        """Start jmapd, then Caddy; stop() cleans up after a start that failed half-way."""
+        data_dir = self.prefix / "jmapd" / "data"
+        for user in (ALICE, BOB, CAROL):
+            add_user(data_dir, user)
+        # Caddy dials the upstream as written, 127.0.0.1, so only that address is trusted.
+        self.jmapd = Server(data_dir, "--trusted-proxy", "127.0.0.1",
+                            "--max-login-failures-per-address", "3").start()
+        self.port = free_port(self.ipv6)
+        self.base = f"https://127.0.0.1:{self.port}"
+        self.base6 = f"https://[::1]:{self.port}"
+        self.conf.write_text(render_caddyfile(int(self.jmapd.url.rsplit(":", 1)[1]),
+                                              self.port, self.ipv6))
+        self.log = open(self.prefix / "caddy.log", "w")
+        self.proc = subprocess.Popen(
+            [CADDY, "run", "--config", str(self.conf), "--adapter", "caddyfile"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env, cwd=self.prefix)
+        # Ready once its local CA exists and a TLS request verified by it gets any answer
+        # (the site certificate is issued just after the listener opens).
+        deadline = time.monotonic() + 30
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"caddy exited {self.proc.returncode}: {self.errors()}")
+            if self.root.exists():
+                try:
+                    self.http().get(self.base + "/.well-known/jmap", allow_redirects=False,
+                                    timeout=5)
+                    return self
+                except requests.RequestException as exc:
+                    last = exc
+            time.sleep(0.1)
+        raise RuntimeError(f"caddy did not start ({last}): {self.errors()}")
+
+    def errors(self):
+        path = self.prefix / "caddy.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # graceful shutdown
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log:
+            self.log.close()
+        if self.jmapd:
+            self.jmapd.stop()
+
+    def http(self, auth=None):
+        """A requests session trusting Caddy's local CA only (REQUESTS_CA_BUNDLE ignored)."""
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.root)
+        session.auth = auth
+        return session
+
+    def client(self, base=None, username=ALICE):
+        client = Client(base or self.base, username)
+        client.http.verify = str(self.root)
+        client.http.trust_env = False
+        return client
+
+
+@pytest.fixture(scope="module")
+def caddied(tmp_path_factory):
+    setup = CaddyProxied(tmp_path_factory)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@needs_caddy
+def test_appliance_caddy_validate_accepts_shipped_file(tmp_path):
+    """`caddy validate` on contrib/Caddyfile as shipped (it stays offline: nothing is issued)."""
+    done = subprocess.run([CADDY, "validate", "--adapter", "caddyfile",
+                           "--config", str(CONTRIB / "Caddyfile")],
+                          capture_output=True, text=True, timeout=60,
+                          env=caddy_env(tmp_path), cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Valid configuration" in output, output
+    # Caddy warns, among others, when the file is not as `caddy fmt` would write it.
+    warnings = [line for line in output.splitlines() if '"level":"warn"' in line
+                or '"level":"error"' in line]
+    assert not warnings, output
+
+
+@needs_caddy
+def test_appliance_caddy_well_known_redirects_to_https(caddied):
+    r = caddied.http().get(caddied.base + "/.well-known/jmap", allow_redirects=False, timeout=30)
+    assert r.status_code in (301, 302, 307, 308), r.text
+    assert r.headers["Location"] == f"{caddied.base}/jmap/session"
+
+
+@needs_caddy
+def test_appliance_caddy_session_urls_are_https_on_caddy(caddied):
+    session = caddied.client().session
+    assert session["apiUrl"] == f"{caddied.base}/jmap/api/"
+    for key in ("downloadUrl", "uploadUrl", "eventSourceUrl"):
+        assert session[key].startswith(f"{caddied.base}/jmap/"), session[key]
+    client = caddied.client()
+    assert client.ok("Core/echo", {"via": "session apiUrl"}, using=[CORE]) == {
+        "via": "session apiUrl"}
+
+
+@needs_caddy
+def test_appliance_caddy_api_call(caddied):
+    client = caddied.client()
+    r = client.http.post(caddied.base + "/jmap/api/", timeout=30, json={
+        "using": USING, "methodCalls": [
+            ["Core/echo", {"hello": True}, "e"],
+            ["Mailbox/get", {"accountId": client.account_id, "ids": None}, "m"]]})
+    assert r.status_code == 200, r.text
+    responses = r.json()["methodResponses"]
+    assert responses[0] == ["Core/echo", {"hello": True}, "e"]
+    assert responses[1][0] == "Mailbox/get"
+    assert "inbox" in {m["role"] for m in responses[1][1]["list"]}
+    denied = caddied.http().post(caddied.base + "/jmap/api/", json={}, timeout=30)
+    assert denied.status_code == 401
+    assert "WWW-Authenticate" in denied.headers
+
+
+@needs_caddy
+def test_appliance_caddy_upload_download_3mb(caddied):
+    client = caddied.client()
+    data = secrets.token_bytes(3 * 1024 * 1024)
+    blob_id = upload(client, data, base=caddied.base)
+    r = download(client, blob_id, base=caddied.base)
+    assert r.status_code == 200, r.text
+    assert "Content-Encoding" not in r.headers
+    assert r.content == data
+    # A compressible type too: Caddy's `encode`, if ever added, would gzip this one (it
+    # leaves application/octet-stream alone anyway). requests asks for gzip by default.
+    url = (client.session["downloadUrl"].replace("{accountId}", client.account_id)
+           .replace("{blobId}", blob_id).replace("{name}", "notes.txt")
+           .replace("{type}", "text/plain"))
+    r = client.http.get(url, timeout=120, headers={"Accept-Encoding": "gzip, deflate"})
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"].startswith("text/plain"), r.headers
+    assert "Content-Encoding" not in r.headers
+    assert r.content == data
+
+
+@needs_caddy
+def test_appliance_caddy_body_limit_admits_jmapds_upload_limit(caddied):
+    """request_body max_size must let through what jmapd advertises as maxSizeUpload, and
+    leave the refusal of one octet more to jmapd (its JMAP limit problem, not Caddy's)."""
+    client = caddied.client()
+    limit = client.session["capabilities"][CORE]["maxSizeUpload"]
+    data = secrets.token_bytes(limit)
+    blob_id = upload(client, data, base=caddied.base)
+    r = download(client, blob_id, base=caddied.base)
+    assert r.status_code == 200, r.text
+    assert hashlib.sha256(r.content).digest() == hashlib.sha256(data).digest()
+    url = caddied.base + f"/jmap/upload/{client.account_id}/"
+    r = client.http.post(url, data=data + b"x", timeout=120,
+                         headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 400, r.text
+    assert r.headers["Content-Type"].startswith("application/problem+json"), r.headers
+    problem = r.json()
+    assert problem["type"] == "urn:ietf:params:jmap:error:limit", problem
+    assert problem["limit"] == "maxSizeUpload", problem
+
+
+@needs_caddy
+def test_appliance_caddy_forged_x_forwarded_for_is_not_the_client(caddied):
+    """Runs last among the Caddy tests: it spends 127.0.0.1's login-failure budget.
+
+    Caddy (no trusted_proxies) replaces a client's X-Forwarded-For with the client's own
+    address; were it appended instead, jmapd (trusting 127.0.0.1) would take the forged
+    entry for the client and every forged address would get a budget of its own.
+    """
+
+    def login(username, password, forged):
+        return caddied.http().get(caddied.base + "/jmap/session", auth=(username, password),
+                                  headers={"X-Forwarded-For": forged}, timeout=30)
+
+    for n in range(3):  # each with a different forged address
+        assert login(BOB, "wrong", f"203.0.113.{n + 1}").status_code == 401
+    # carol never failed: a 429 for her can only be the address's budget, 127.0.0.1's.
+    blocked = login(CAROL, PASSWORD, "203.0.113.50")
+    assert blocked.status_code == 429, blocked.text
+    assert "Retry-After" in blocked.headers
+    if caddied.ipv6:
+        # Another client address (::1 via Caddy) has its own budget.
+        fresh = caddied.http(auth=(CAROL, PASSWORD)).get(caddied.base6 + "/jmap/session",
+                                                         timeout=30)
+        assert fresh.status_code == 200, fresh.text
