@@ -1978,6 +1978,8 @@ class TypeSpec:
     filters: dict = {}  # condition name -> fn(ctx, value) -> peewee expression
     sorts: dict = {}  # property name -> (column, is_string)
     get_all: bool = True  # /get with ids null returns everything
+    singleton: bool = False  # exactly one object, never created or destroyed (RFC 8620 §5.3)
+    max_object_octets: int | None = None  # a bigger object is tooLarge (RFC 8620 §5.3)
     set_args: dict = {}
     query_args: dict = {}
 
@@ -2291,6 +2293,8 @@ def _creation_order(spec: TypeSpec, create: dict) -> list:
 
 def set_create_one(spec: TypeSpec, ctx: Call, cid: str, raw_obj) -> dict:
     """Create one record; return the properties the client did not send (RFC 8620 §5.3)."""
+    if spec.singleton:
+        raise SetError("singleton", f"there is only one {spec.name}")
     if not isinstance(raw_obj, dict):
         raise invalid_properties([], "a create must be an object")
     bad = [n for n in raw_obj if n not in spec.props or spec.props[n].server_set]
@@ -2313,6 +2317,7 @@ def set_create_one(spec: TypeSpec, ctx: Call, cid: str, raw_obj) -> dict:
             defaulted.append(name)
     if bad:
         raise invalid_properties(bad)
+    _check_size(spec, values)
     spec.validate(ctx, values, None)
     row = spec.model(account_pk=ctx.account.pk, **_columns(spec, values))
     record_change(ctx.changes, spec.name, row, "created")
@@ -2367,6 +2372,7 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
     if not changed:
         return None
     values = {**current, **changed}
+    _check_size(spec, values)
     spec.validate(ctx, values, row)
     for column, value in _columns(spec, changed).items():
         setattr(row, column, value)
@@ -2387,8 +2393,18 @@ def set_destroy_one(spec: TypeSpec, ctx: Call, raw_id: str, args: dict) -> None:
     row = spec.load(ctx, raw_id)
     if row is None:
         raise SetError("notFound", f"no {spec.name} {raw_id!r}")
+    if spec.singleton:
+        raise SetError("singleton", f"the {spec.name} cannot be destroyed")
     spec.on_destroy(ctx, row, args)
     record_change(ctx.changes, spec.name, row, "destroyed")
+
+
+def _check_size(spec: TypeSpec, values: dict) -> None:
+    if spec.max_object_octets is None:
+        return
+    size = octets(json_dumps(values))
+    if size > spec.max_object_octets:
+        raise SetError("tooLarge", f"{size} octets; at most {spec.max_object_octets}")
 
 
 def prop_value(spec: TypeSpec, ctx: Call, name: str, value):
