@@ -32,7 +32,10 @@ INDEX
     6.4 Core/echo and Blob/copy
     6.5 Change bus
     7   Mail
+    7.1 MIME -> Email
     7.2 Mailbox
+    7.3 Thread
+    7.4 Email
     13  HTTP routes
     14  CLI commands and main
 
@@ -891,6 +894,35 @@ class Mailbox(JmapRow):
     counts_modseq = peewee.IntegerField(default=0)
 
 
+class Thread(JmapRow):
+    """A conversation (RFC 8621 §3); its Emails point at it."""
+
+
+class Email(JmapRow):
+    """A stored message: the raw octets are blob `blob_sha256`; `summary` holds the fast
+    properties (RFC 8621 §4.2) as JSON, computed once when the message is stored."""
+
+    blob_sha256 = peewee.TextField()
+    thread_pk = peewee.IntegerField()
+    size = peewee.IntegerField()
+    received_at = peewee.IntegerField()
+    sent_at = peewee.IntegerField(null=True)
+    keywords = peewee.TextField(default="{}")
+    unread = peewee.BooleanField(default=True)
+    summary = peewee.TextField(default="{}")
+
+
+class EmailMailbox(BaseModel):
+    """Membership of an Email in a Mailbox (mailboxIds)."""
+
+    email_pk = peewee.IntegerField()
+    mailbox_pk = peewee.IntegerField()
+
+    class Meta:
+        table_name = "email_mailbox"
+        primary_key = peewee.CompositeKey("mailbox_pk", "email_pk")
+
+
 class Blob(BaseModel):
     """One stored blob file, named by its SHA-256."""
 
@@ -1002,9 +1034,47 @@ def _migration_2_blobs_and_app_passwords(database) -> None:
         database.execute_sql(statement)
 
 
+def _migration_3_email(database) -> None:
+    for statement in (
+        """CREATE TABLE thread (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER)""",
+        "CREATE INDEX thread_changes ON thread(account_pk, updated_modseq)",
+        """CREATE TABLE email (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            blob_sha256 TEXT NOT NULL,
+            thread_pk INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            received_at INTEGER NOT NULL,
+            sent_at INTEGER,
+            keywords TEXT NOT NULL DEFAULT '{}',
+            unread INTEGER NOT NULL DEFAULT 1,
+            summary TEXT NOT NULL DEFAULT '{}',
+            created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER)""",
+        "CREATE INDEX email_changes ON email(account_pk, updated_modseq)",
+        "CREATE INDEX email_thread ON email(thread_pk)",
+        "CREATE INDEX email_received ON email(account_pk, received_at) WHERE destroyed = 0",
+        """CREATE TABLE email_mailbox (
+            mailbox_pk INTEGER NOT NULL,
+            email_pk INTEGER NOT NULL REFERENCES email(pk) ON DELETE CASCADE,
+            PRIMARY KEY (mailbox_pk, email_pk)) WITHOUT ROWID""",
+        "CREATE INDEX email_mailbox_email ON email_mailbox(email_pk)",
+    ):
+        database.execute_sql(statement)
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
+    (3, "email and thread", _migration_3_email),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1963,6 +2033,8 @@ class TypeSpec:
       on_create / on_update(ctx, row, values)   after the row is written
       on_destroy(ctx, row, args)    before the tombstone is written (may refuse)
       query_order(ctx, args, pks)   reorder or filter query results (e.g. sortAsTree)
+      check_property(name)          accept a dynamic property name (Email's header:…)
+      prepare_get(ctx, args)        read the type's extra /get arguments
       destroy_order(ctx, raw_ids)   the order to destroy in (e.g. children first)
       validate_final(ctx)           check the end state of a /set (raise MethodError)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
@@ -1978,6 +2050,8 @@ class TypeSpec:
     filters: dict = {}  # condition name -> fn(ctx, value) -> peewee expression
     sorts: dict = {}  # property name -> (column, is_string)
     get_all: bool = True  # /get with ids null returns everything
+    default_properties: list | None = None  # /get without properties (None: all of props)
+    get_args: dict = {}
     singleton: bool = False  # exactly one object, never created or destroyed (RFC 8620 §5.3)
     max_object_octets: int | None = None  # a bigger object is tooLarge (RFC 8620 §5.3)
     set_args: dict = {}
@@ -2002,8 +2076,8 @@ class TypeSpec:
         for name in wanted:
             if name == "id":
                 continue
-            prop = self.props[name]
-            if prop.column is None:
+            prop = self.props.get(name)
+            if prop is None or prop.column is None:
                 obj[name] = self.compute(ctx, row, name)
                 continue
             value = getattr(row, prop.column)
@@ -2038,6 +2112,13 @@ class TypeSpec:
     def query_order(self, ctx: Call, args: dict, pks: list) -> list:
         return pks
 
+    def check_property(self, name: str) -> bool:
+        """Accept a property name beyond `props` (e.g. `header:…`); may raise MethodError."""
+        return False
+
+    def prepare_get(self, ctx: Call, args: dict) -> None:
+        pass
+
     def destroy_order(self, ctx: Call, raw_ids: list) -> list:
         return raw_ids
 
@@ -2065,8 +2146,9 @@ GET_ARGS = {
 
 def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     """Return the requested objects of a type (RFC 8620 §5.1)."""
-    args = take_args(raw_args, GET_ARGS)
+    args = take_args(raw_args, {**GET_ARGS, **spec.get_args})
     wanted = _wanted_properties(spec, args["properties"])
+    spec.prepare_get(ctx, args)
     state = spec.state(ctx)
     if args["ids"] is None:
         if not spec.get_all:
@@ -2095,8 +2177,8 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
 
 def _wanted_properties(spec: TypeSpec, properties) -> list:
     if properties is None:
-        return list(spec.props)
-    unknown = [p for p in properties if p not in spec.props]
+        return list(spec.default_properties or spec.props)
+    unknown = [p for p in properties if p not in spec.props and not spec.check_property(p)]
     if unknown:
         raise MethodError("invalidArguments", f"unknown properties: {', '.join(unknown)}")
     return list(dict.fromkeys(["id"] + properties))  # RFC 8620 §5.1: id always returned
@@ -2871,6 +2953,745 @@ class ChangeBus:
 # =============================================================================
 
 # =============================================================================
+# 7.1 MIME -> EMAIL
+#     RFC 8621 §4.1. The MIME tree is cut at its boundaries here (mime_tree), so every
+#     part's raw octets and raw header values are exact; the email package (compat32)
+#     reads each part's header block for parameters (RFC 2045, RFC 2231). Header forms
+#     (§4.1.2) are our own parsers. Entry points: mime_email(), mime_header_value().
+# =============================================================================
+
+MAX_MIME_DEPTH = 20
+MAX_MIME_PARTS = 500
+PREVIEW_CHARS = 256  # RFC 8621 §4.1.4: at most 256 characters
+HEADER_FORMS = ("Raw", "Text", "Addresses", "GroupedAddresses", "MessageIds", "Date", "URLs")
+_ADDRESS_HEADERS = {"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from",
+                    "resent-sender", "resent-reply-to", "resent-to", "resent-cc", "resent-bcc"}
+_MSGID_HEADERS = {"message-id", "in-reply-to", "references", "resent-message-id"}
+_DATE_HEADERS = {"date", "resent-date"}
+_URL_HEADERS = {"list-help", "list-unsubscribe", "list-subscribe", "list-post", "list-owner",
+                "list-archive"}
+_TEXT_HEADERS = {"subject", "comments", "keywords", "list-id"}
+# Fields RFC 5322 and RFC 2369 define: only the forms RFC 8621 §4.1.2 lists apply to them.
+_DEFINED_HEADERS = (_ADDRESS_HEADERS | _MSGID_HEADERS | _DATE_HEADERS | _URL_HEADERS
+                    | {"subject", "comments", "keywords", "return-path", "received"})
+_FORM_HEADERS = {"Text": _TEXT_HEADERS, "Addresses": _ADDRESS_HEADERS,
+                 "GroupedAddresses": _ADDRESS_HEADERS, "MessageIds": _MSGID_HEADERS,
+                 "Date": _DATE_HEADERS, "URLs": _URL_HEADERS}
+HEADER_PROP_RE = re.compile(r"^header:([\x21-\x39\x3b-\x7e]+)(?::as([A-Za-z]+))?(:all)?$")
+ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+_LINE_END_RE = re.compile(rb"\r?\n")
+
+
+class MimeError(ValueError):
+    """A message or part that cannot be read as MIME at all."""
+
+
+@dataclass
+class MimePart:
+    """One MIME entity: its exact raw header fields and body octets, and its children."""
+
+    headers: list  # [(name, raw value str)], raw value as in RFC 8621 §4.1.2.1
+    body: bytes
+    params: Any  # email.message.Message holding just the header block (for parameters)
+    type: str = "text/plain"
+    part_id: str | None = None
+    sub_parts: list = field(default_factory=list)
+    decoded: bytes | None = None
+    cte_known: bool = True
+
+    def header(self, name: str) -> str | None:
+        """The raw value of the last field with this name, or None."""
+        for field_name, value in reversed(self.headers):
+            if field_name.lower() == name:
+                return value
+        return None
+
+
+def mime_split(raw: bytes) -> tuple[bytes, bytes]:
+    """Split an entity into its header block and its body at the first empty line."""
+    match = re.search(rb"\r?\n\r?\n", raw)
+    if raw.startswith((b"\r\n", b"\n")):
+        return b"", raw[2:] if raw.startswith(b"\r\n") else raw[1:]
+    if not match:
+        return raw, b""
+    return raw[: match.start()], raw[match.end():]
+
+
+def mime_header_fields(block: bytes) -> list:
+    """Cut a header block into (name, raw value) fields, keeping folding as it is.
+
+    lenient: a line without a colon is taken as the continuation of the previous field
+    (or dropped at the start); NUL octets are dropped (RFC 8621 §4.1.2.1).
+    """
+    fields = []
+    for line in _LINE_END_RE.split(block.replace(b"\0", b"")):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += b"\r\n" + line
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep or not name.strip() or re.search(rb"[\x00-\x20\x7f-\xff]", name.strip()):
+            if fields and line.strip():
+                fields[-1][1] += b"\r\n " + line
+            continue
+        fields.append([name.strip(), value])
+    return [(n.decode("ascii", "replace"), _raw_text(v)) for n, v in fields]
+
+
+def _raw_text(value: bytes) -> str:
+    """Raw form text: UTF-8, invalid octet runs replaced by U+FFFD (RFC 8621 §4.1.2.1)."""
+    return value.decode("utf-8", "replace")
+
+
+def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
+              counter: dict | None = None) -> MimePart:
+    """Parse an entity into MimeParts, numbering leaves 1, 2, … depth-first."""
+    import email  # lazy: the email package is needed only where mail is read
+    import email.policy
+
+    counter = counter if counter is not None else {"parts": 0, "leaves": 0}
+    block, body = mime_split(raw)
+    headers = mime_header_fields(block)
+    params = email.message_from_bytes(block + b"\r\n\r\n", policy=email.policy.compat32)
+    part = MimePart(headers, body, params)
+    part.type = _mime_type(part, default_type)
+    counter["parts"] += 1
+    if counter["parts"] > MAX_MIME_PARTS:
+        raise MimeError("too many MIME parts")
+    boundary = params.get_param("boundary") if part.type.startswith("multipart/") else None
+    if part.type.startswith("multipart/") and isinstance(boundary, str) and boundary \
+            and depth < MAX_MIME_DEPTH:
+        child_type = "message/rfc822" if part.type == "multipart/digest" else "text/plain"
+        for chunk in _mime_children(body, boundary.encode("utf-8", "replace")):
+            part.sub_parts.append(mime_tree(chunk, child_type, depth + 1, counter))
+        return part
+    if part.type.startswith("multipart/"):
+        part.type = "text/plain"  # lenient: a multipart without a usable boundary
+    counter["leaves"] += 1
+    part.part_id = str(counter["leaves"])
+    return part
+
+
+def _mime_type(part: MimePart, default_type: str) -> str:
+    """The part's media type, lower case, without parameters (RFC 8621 §4.1.4 `type`)."""
+    if part.header("content-type") is None:
+        return default_type
+    return part.params.get_content_type()  # a malformed value reads as text/plain (RFC 2045)
+
+
+def _mime_children(body: bytes, boundary: bytes) -> list[bytes]:
+    """Cut a multipart body at its delimiter lines (RFC 2046 §5.1.1)."""
+    delimiter = re.compile(rb"(?:^|\r?\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r?\n|$)")
+    chunks, start = [], None
+    for match in delimiter.finditer(body):
+        if start is not None:
+            chunks.append(body[start: match.start()])
+        if match.group(1):  # the close delimiter
+            return chunks
+        newline = body.find(b"\n", match.end())
+        start = len(body) if newline < 0 else newline + 1
+    if start is not None:
+        chunks.append(body[start:])  # lenient: no close delimiter
+    return chunks
+
+
+def mime_decoded(part: MimePart) -> bytes:
+    """The part's octets after Content-Transfer-Encoding (unknown: as they are)."""
+    if part.decoded is not None:
+        return part.decoded
+    import binascii  # lazy: mail reading only
+    import quopri
+
+    encoding = (part.header("content-transfer-encoding") or "7bit").strip().lower()
+    body = part.body
+    if encoding == "base64":
+        cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", body)
+        cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
+        try:
+            part.decoded = binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
+        except binascii.Error:
+            part.decoded, part.cte_known = body, False
+    elif encoding == "quoted-printable":
+        part.decoded = quopri.decodestring(body)
+    else:
+        part.cte_known = encoding in ("7bit", "8bit", "binary", "")
+        part.decoded = body
+    return part.decoded
+
+
+def mime_walk(part: MimePart):
+    """Every part, depth-first, not descending into message/rfc822."""
+    yield part
+    for child in part.sub_parts:
+        yield from mime_walk(child)
+
+
+# ---- header forms (RFC 8621 §4.1.2) ----
+
+
+def mime_header_form_allowed(name: str, form: str) -> bool:
+    """Tell whether a parsed form may be used on a header field (RFC 8621 §4.1.2)."""
+    lower = name.lower()
+    if form == "Raw" or lower not in _DEFINED_HEADERS | _TEXT_HEADERS:
+        return True
+    return lower in _FORM_HEADERS.get(form, ())
+
+
+def mime_header_value(raw: str | None, form: str):
+    """Parse one raw header value into a form; None stays None."""
+    if raw is None:
+        return None
+    if form == "Raw":
+        return raw.replace("\0", "")
+    if form == "Text":
+        return mime_text(raw)
+    if form == "Addresses":
+        return [a for group in mime_address_groups(raw) for a in group["addresses"]]
+    if form == "GroupedAddresses":
+        return mime_address_groups(raw)
+    if form == "MessageIds":
+        return mime_message_ids(raw)
+    if form == "Date":
+        return mime_date(raw)
+    return mime_urls(raw)
+
+
+def _unfold(raw: str) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", raw).rstrip("\r\n")
+
+
+def mime_text(raw: str) -> str:
+    """Text form (RFC 8621 §4.1.2.2): unfolded, leading SP gone, encoded words decoded, NFC."""
+    text = _unfold(raw).lstrip(" ")
+    return unicodedata.normalize("NFC", mime_decode_words(text))
+
+
+def mime_decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words that stand alone between whitespace.
+
+    Whitespace between two adjacent encoded words is dropped (RFC 2047 §6.2); a word
+    glued to other text is left as it is (RFC 8621 §4.1.2.2 step 4).
+    """
+    if "=?" not in text:
+        return text
+    items: list = []  # (kind, value): ew (charset, octets), ws or text
+    for token in re.split(r"([ \t]+)", text):
+        if not token:
+            continue
+        word = ENCODED_WORD_RE.fullmatch(token)
+        decoded = _encoded_word_octets(word) if word else None
+        if decoded is not None:
+            if len(items) >= 2 and items[-1][0] == "ws" and items[-2][0] == "ew":
+                items.pop()  # white space between encoded words is not part of the text
+            items.append(("ew", decoded))
+        else:
+            items.append(("ws" if token.isspace() else "text", token))
+    out = []
+    for index, (kind, value) in enumerate(items):
+        if kind != "ew":
+            out.append(value)
+        elif index and items[index - 1][0] == "ew" and items[index - 1][1][0] == value[0]:
+            continue  # joined into the run that starts before it
+        else:
+            charset, data = value
+            for later_kind, later in items[index + 1:]:
+                if later_kind != "ew" or later[0] != charset:
+                    break
+                data += later[1]  # a character may be split across two words
+            out.append(_decoded_word(charset, data))
+    return "".join(out)
+
+
+def _decoded_word(charset: str, data: bytes) -> str:
+    text = data.decode(charset, "replace")
+    return "".join(ch for ch in text if ch == "\t" or unicodedata.category(ch) != "Cc")
+
+
+def _encoded_word_octets(word) -> tuple[str, bytes] | None:
+    import binascii  # lazy: mail reading only
+
+    charset = word.group(1).split("*")[0].lower()  # RFC 2231 §5: charset*language
+    if not _known_charset(charset):
+        return None
+    payload = word.group(3)
+    try:
+        if word.group(2) in "Bb":
+            data = binascii.a2b_base64(payload + "=" * (-len(payload) % 4))
+        else:
+            data = re.sub(rb"=([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                          payload.replace("_", " ").encode("ascii", "replace"))
+    except (binascii.Error, ValueError):
+        return None
+    return charset, data
+
+
+@functools.lru_cache(maxsize=256)
+def _known_charset(charset: str) -> bool:
+    import codecs  # lazy: mail reading only
+
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        return False
+    return True
+
+
+# ---- addresses (RFC 5322 §3.4 with RFC 8621 §4.1.2.3) ----
+
+_ADDRESS_TOKEN_RE = re.compile(
+    r'"(?:[^"\\]|\\.)*"?'  # quoted-string (lenient: unterminated)
+    r"|\[[^\]]*\]?"  # domain-literal
+    r"|[<>,:;@.]"  # specials that matter here
+    r"|[^\s\"(<>,:;@.\[]+"  # atom
+    r"|\s+",
+    re.S,
+)
+
+
+def _address_tokens(text: str) -> list[tuple[str, str]]:
+    """Tokenise an address list: (kind, text) with kinds q, c, s, a, w."""
+    tokens, i = [], 0
+    while i < len(text):
+        if text[i] == "(":
+            depth, j = 0, i
+            while j < len(text):
+                if text[j] == "\\":
+                    j += 2
+                    continue
+                depth += text[j] == "("
+                depth -= text[j] == ")"
+                j += 1
+                if depth == 0:
+                    break
+            tokens.append(("c", text[i + 1: j - 1] if text[j - 1:j] == ")" else text[i + 1: j]))
+            i = j
+            continue
+        match = _ADDRESS_TOKEN_RE.match(text, i)
+        if not match:  # a stray ")" or similar: skip it
+            i += 1
+            continue
+        token = match.group(0)
+        kind = ("q" if token[0] == '"' else "w" if token.isspace()
+                else "s" if token in "<>,:;@." else "a")
+        tokens.append((kind, token))
+        i = match.end()
+    return tokens
+
+
+def mime_address_groups(raw: str) -> list[dict]:
+    """GroupedAddresses form (RFC 8621 §4.1.2.4), best effort on broken lists."""
+    groups: list[dict] = []
+    current: list = []
+    group = loose = None  # the open named group; the group of mailboxes outside any group
+    angle = False
+    for kind, token in _address_tokens(_unfold(raw)) + [("s", ",")]:
+        if kind == "s" and token in "<>":
+            angle = token == "<"
+        if kind == "s" and not angle and token == ":" and group is None:
+            group, loose = {"name": _phrase(current), "addresses": []}, None
+            groups.append(group)
+            current = []
+            continue
+        if kind == "s" and not angle and token in ",;":
+            mailbox, current = _mailbox(current), []
+            if mailbox and group is not None:
+                group["addresses"].append(mailbox)
+            elif mailbox:
+                if loose is None:
+                    loose = {"name": None, "addresses": []}
+                    groups.append(loose)
+                loose["addresses"].append(mailbox)
+            if token == ";":
+                group = None
+            continue
+        current.append((kind, token))
+    return groups
+
+
+def _mailbox(tokens: list) -> dict | None:
+    """One mailbox from its tokens: name-addr, addr-spec, or a bare word."""
+    meaningful = [t for t in tokens if t[0] != "w"]
+    if not meaningful:
+        return None
+    if ("s", "<") in tokens:
+        start = tokens.index(("s", "<"))
+        end = tokens.index(("s", ">")) if ("s", ">") in tokens[start:] else len(tokens)
+        email = _addr_spec(tokens[start + 1: end])
+        name = _phrase(tokens[:start])
+        if name is None:
+            name = _comment_name(tokens[end + 1:])
+        return {"name": name, "email": email}
+    comments = [i for i, t in enumerate(tokens) if t[0] == "c"]
+    body = [t for t in tokens if t[0] != "c"]
+    email = _addr_spec(body)
+    name = _comment_name(tokens[comments[0]:]) if comments else None
+    return {"name": name, "email": email}
+
+
+def _addr_spec(tokens: list) -> str:
+    """The addr-spec text: comments and whitespace dropped, a source route removed."""
+    text = "".join(t[1] for t in tokens if t[0] not in ("c", "w"))
+    if text.startswith("@") and ":" in text:
+        text = text.split(":", 1)[1]  # obs-route
+    return text
+
+
+def _phrase(tokens: list) -> str | None:
+    """A display name: quotes and quoted-pairs removed, encoded words outside quotes
+    decoded (never inside a quoted-string: RFC 2047 §5), white space collapsed."""
+    pieces, run = [], ""
+    for kind, token in tokens:
+        if kind == "q":
+            pieces.append(mime_decode_words(run))
+            run = ""
+            inner = token[1:-1] if token.endswith('"') and len(token) > 1 else token[1:]
+            pieces.append(re.sub(r"\\(.)", r"\1", inner, flags=re.S))
+        elif kind == "w":
+            run += " "
+        elif kind in ("a", "s") and token not in "<>,:;":
+            run += token
+    pieces.append(mime_decode_words(run))
+    text = re.sub(r"\s+", " ", "".join(pieces)).strip()
+    return unicodedata.normalize("NFC", text) or None
+
+
+def _comment_name(tokens: list) -> str | None:
+    """RFC 8621 §4.1.2.3: without a display name, a comment right after the addr-spec."""
+    for kind, token in tokens:
+        if kind == "w":
+            continue
+        if kind == "c":
+            text = re.sub(r"\s+", " ", mime_decode_words(token)).strip()
+            return unicodedata.normalize("NFC", text) or None
+        return None
+    return None
+
+
+def mime_message_ids(raw: str) -> list[str] | None:
+    """MessageIds form (RFC 8621 §4.1.2.5): ids without <>, or None if it does not parse."""
+    text = re.sub(r"\([^()]*\)", " ", _unfold(raw))
+    ids = []
+    for token in re.findall(r"<[^<>]*>|[^\s<>]+", text):
+        if not token.startswith("<"):
+            return None
+        inner = re.sub(r"\s+", "", token[1:-1])
+        if not inner:
+            return None
+        ids.append(inner)
+    return ids or None
+
+
+def mime_date(raw: str) -> str | None:
+    """Date form (RFC 8621 §4.1.2.6): RFC 3339 with the original offset, or None."""
+    from email.utils import parsedate_tz  # lazy: mail reading only
+
+    text = re.sub(r"\([^()]*\)", " ", _unfold(raw)).strip()
+    parsed = parsedate_tz(text) if text else None
+    if not parsed:
+        return None
+    offset = parsed[9] or 0
+    try:
+        moment = datetime(*parsed[:6])
+    except (ValueError, OverflowError):
+        return None
+    if abs(offset) >= 24 * 3600:
+        return None
+    sign = "-" if offset < 0 else "+"
+    hours, minutes = divmod(abs(offset) // 60, 60)
+    zone = "Z" if offset == 0 else f"{sign}{hours:02d}:{minutes:02d}"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + zone
+
+
+def mime_date_timestamp(value: str | None) -> int | None:
+    """Seconds since the epoch of a Date form value."""
+    if value is None:
+        return None
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+
+
+def mime_urls(raw: str) -> list[str] | None:
+    """URLs form (RFC 8621 §4.1.2.7, RFC 2369): the <...> values, comments dropped."""
+    text = re.sub(r"\([^()]*\)", " ", _unfold(raw))
+    urls = [re.sub(r"\s+", "", u) for u in re.findall(r"<([^<>]*)>", text)]
+    return urls or None
+
+
+# ---- body parts (RFC 8621 §4.1.4) ----
+
+
+def mime_part_json(part: MimePart, blob_base: str, wanted: list) -> dict:
+    """An EmailBodyPart with the wanted properties."""
+    out = {}
+    for name in wanted:
+        out[name] = _part_property(part, blob_base, name, wanted)
+    return out
+
+
+def _part_property(part: MimePart, blob_base: str, name: str, wanted: list):
+    # long: one branch per EmailBodyPart property, RFC 8621 §4.1.4
+    multipart = part.type.startswith("multipart/")
+    if name == "partId":
+        return None if multipart else part.part_id
+    if name == "blobId":
+        return None if multipart else f"{blob_base}_{part.part_id}"
+    if name == "size":
+        return 0 if multipart else len(mime_decoded(part))
+    if name == "headers":
+        return [{"name": n, "value": v} for n, v in part.headers]
+    if name == "name":
+        return mime_part_name(part)
+    if name == "type":
+        return part.type
+    if name == "charset":
+        return mime_part_charset(part)
+    if name == "disposition":
+        value = part.header("content-disposition")
+        return _strip_params(value).lower() or None if value is not None else None
+    if name == "cid":
+        value = part.header("content-id")
+        return (mime_message_ids(value) or [_strip_params(value).strip("<>")])[0] \
+            if value is not None and value.strip() else None
+    if name == "language":
+        value = part.header("content-language")
+        return [v for v in re.split(r"[\s,]+", _unfold(value)) if v] if value else None
+    if name == "location":
+        value = part.header("content-location")
+        return re.sub(r"\s+", "", _unfold(value)) if value is not None else None
+    if name == "subParts":
+        if not multipart:
+            return None
+        return [mime_part_json(child, blob_base, wanted) for child in part.sub_parts]
+    form, prop = _header_property(name)
+    return mime_header_property(part.headers, prop)
+
+
+def _strip_params(value: str) -> str:
+    return re.sub(r"\([^()]*\)", "", _unfold(value)).split(";")[0].strip()
+
+
+def mime_part_charset(part: MimePart) -> str | None:
+    """RFC 8621 §4.1.4 `charset`: the parameter, else us-ascii for text, else null."""
+    if part.header("content-type") is None:
+        return "us-ascii" if part.type.startswith("text/") else None
+    if not part.type.startswith("text/"):
+        return None
+    charset = part.params.get_param("charset")
+    if isinstance(charset, tuple):  # RFC 2231 form
+        charset = charset[2]
+    return charset.strip().lower() if isinstance(charset, str) and charset.strip() \
+        else "us-ascii"
+
+
+def mime_part_name(part: MimePart) -> str | None:
+    """RFC 8621 §4.1.4 `name`: Content-Disposition filename (RFC 2231), else Content-Type name."""
+    from email.utils import collapse_rfc2231_value  # lazy: mail reading only
+
+    for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+        value = part.params.get_param(param, header=header) if part.header(header) else None
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = collapse_rfc2231_value(value, errors="replace")
+        else:
+            value = mime_decode_words(value)
+        text = unicodedata.normalize("NFC", value.replace("\0", "")).strip()
+        if text:
+            return text
+    return None
+
+
+def mime_body_lists(root: MimePart) -> tuple[list, list, list]:
+    """textBody, htmlBody and attachments by RFC 8621 §4.1.4's suggested algorithm."""
+    text_body, html_body, attachments = [], [], []
+    _parse_structure([root], "mixed", False, html_body, text_body, attachments)
+    return text_body, html_body, attachments
+
+
+def _is_inline_media(part_type: str) -> bool:
+    return part_type.startswith(("image/", "audio/", "video/"))
+
+
+def _parse_structure(parts, multipart_type, in_alternative, html_body, text_body, attachments):
+    # long: RFC 8621 §4.1.4's parseStructure, kept close to the RFC's own code
+    text_length = len(text_body) if text_body is not None else -1
+    html_length = len(html_body) if html_body is not None else -1
+    for i, part in enumerate(parts):
+        is_multipart = part.type.startswith("multipart/")
+        disposition = (_strip_params(part.header("content-disposition") or "")).lower()
+        is_inline = (
+            disposition != "attachment"
+            and (part.type in ("text/plain", "text/html") or _is_inline_media(part.type))
+            and (i == 0 or (multipart_type != "related"
+                            and (_is_inline_media(part.type) or not mime_part_name(part))))
+        )
+        if is_multipart:
+            sub_type = part.type.split("/", 1)[1]
+            _parse_structure(part.sub_parts, sub_type, in_alternative or sub_type == "alternative",
+                             html_body, text_body, attachments)
+        elif is_inline:
+            if multipart_type == "alternative":
+                if part.type == "text/plain":
+                    text_body.append(part)
+                elif part.type == "text/html":
+                    html_body.append(part)
+                else:
+                    attachments.append(part)
+                continue
+            if in_alternative:
+                if part.type == "text/plain":
+                    html_body = None
+                if part.type == "text/html":
+                    text_body = None
+            if text_body is not None:
+                text_body.append(part)
+            if html_body is not None:
+                html_body.append(part)
+            if (text_body is None or html_body is None) and _is_inline_media(part.type):
+                attachments.append(part)
+        else:
+            attachments.append(part)
+    if multipart_type == "alternative" and text_body is not None and html_body is not None:
+        if text_length == len(text_body) and html_length != len(html_body):
+            text_body.extend(html_body[html_length:])  # found an HTML part only
+        if html_length == len(html_body) and text_length != len(text_body):
+            html_body.extend(text_body[text_length:])  # found a plain-text part only
+
+
+def mime_part_text(part: MimePart) -> tuple[str, bool]:
+    """Decode a text part to a string with LF line ends; return (text, isEncodingProblem)."""
+    data = mime_decoded(part)
+    charset = mime_part_charset(part) or "us-ascii"
+    problem = not part.cte_known
+    if charset in ("us-ascii", "ascii") and not data.isascii():
+        try:  # lenient: 8-bit text labelled (or defaulted to) ASCII is most often UTF-8
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text, problem = data.decode("windows-1252", "replace"), True
+    elif _known_charset(charset):
+        text = data.decode(charset, "replace")
+        problem = problem or "\ufffd" in text and b"\xef\xbf\xbd" not in data
+    else:
+        text, problem = data.decode("utf-8", "replace"), True
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", ""), problem
+
+
+def mime_truncate(text: str, max_octets: int, is_html: bool) -> tuple[str, bool]:
+    """Cut a value to at most max_octets of UTF-8, not mid-character nor inside an HTML tag."""
+    encoded = text.encode("utf-8")
+    if max_octets <= 0 or len(encoded) <= max_octets:
+        return text, False
+    cut = encoded[:max_octets].decode("utf-8", "ignore")
+    if is_html and cut.rfind("<") > cut.rfind(">"):
+        cut = cut[: cut.rfind("<")]
+    return cut, True
+
+
+def mime_html_to_text(html: str) -> str:
+    """Plain text from HTML, for previews and search: tags out, entities decoded."""
+    import html as html_lib  # lazy: mail reading only
+
+    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>", " ", html)
+    text = re.sub(r"(?i)<br\s*/?>|</p\s*>|</div\s*>|</li\s*>|</tr\s*>", "\n", text)
+    text = re.sub(r"(?s)<!--.*?-->|<[^>]*>", " ", text)
+    return html_lib.unescape(text)
+
+
+def mime_preview(text_body: list) -> str:
+    """Up to 256 characters of the first readable text part, white space collapsed."""
+    for part in text_body:
+        if part.type not in ("text/plain", "text/html"):
+            continue
+        text, _ = mime_part_text(part)
+        if part.type == "text/html":
+            text = mime_html_to_text(text)
+        text = re.sub(r"\s+", " ", text).strip()
+        if text:
+            return text[:PREVIEW_CHARS]
+    return ""
+
+
+# ---- the whole Email ----
+
+
+def _header_property(name: str) -> tuple[str, str]:
+    """Split `header:Name[:asForm][:all]` into (form, name) after checking it."""
+    match = HEADER_PROP_RE.match(name)
+    if not match or (match.group(2) and match.group(2) not in HEADER_FORMS):
+        raise ValueError(f"{name!r} is not a header property")
+    return match.group(2) or "Raw", name
+
+
+def mime_check_header_property(name: str) -> None:
+    """Refuse a header property whose form does not apply (RFC 8621 §4.2: invalidArguments)."""
+    match = HEADER_PROP_RE.match(name)
+    if not match or (match.group(2) and match.group(2) not in HEADER_FORMS):
+        raise ValueError(f"{name!r} is not a valid header property")
+    if not mime_header_form_allowed(match.group(1), match.group(2) or "Raw"):
+        raise ValueError(f"the {match.group(2)} form does not apply to {match.group(1)}")
+
+
+def mime_header_property(headers: list, prop: str):
+    """The value of a `header:…` property over (name, raw value) fields (RFC 8621 §4.1.3)."""
+    match = HEADER_PROP_RE.match(prop)
+    wanted, form, every = match.group(1).lower(), match.group(2) or "Raw", bool(match.group(3))
+    values = [v for n, v in headers if n.lower() == wanted]
+    if every:
+        return [mime_header_value(v, form) for v in values]
+    return mime_header_value(values[-1], form) if values else None
+
+
+CONVENIENCE_HEADERS = {
+    "messageId": "header:Message-ID:asMessageIds",
+    "inReplyTo": "header:In-Reply-To:asMessageIds",
+    "references": "header:References:asMessageIds",
+    "sender": "header:Sender:asAddresses",
+    "from": "header:From:asAddresses",
+    "to": "header:To:asAddresses",
+    "cc": "header:Cc:asAddresses",
+    "bcc": "header:Bcc:asAddresses",
+    "replyTo": "header:Reply-To:asAddresses",
+    "subject": "header:Subject:asText",
+    "sentAt": "header:Date:asDate",
+}
+
+
+def mime_summary(root: MimePart) -> dict:
+    """The fast Email properties, computed once when a message is stored (RFC 8621 §4.2)."""
+    summary = {name: mime_header_property(root.headers, prop)
+               for name, prop in CONVENIENCE_HEADERS.items()}
+    text_body, html_body, attachments = mime_body_lists(root)
+    summary["hasAttachment"] = any(
+        _strip_params(p.header("content-disposition") or "").lower() != "inline"
+        for p in attachments
+    )
+    summary["preview"] = mime_preview(text_body or html_body)
+    return summary
+
+
+def mime_email(raw: bytes) -> MimePart:
+    """Parse a whole message; a message that is not MIME at all is still one text part."""
+    try:
+        return mime_tree(raw)
+    except (MimeError, RecursionError, ValueError, LookupError) as exc:
+        log.getChild("mime").warning("unparsable message (%s); kept as one part", exc)
+        return MimePart([], raw, None, "text/plain", "1")
+
+
+def mime_received_at(root: MimePart) -> int | None:
+    """The time of the most recent Received field (RFC 8621 §4.8 default receivedAt)."""
+    for name, value in root.headers:  # the topmost Received is the most recent
+        if name.lower() == "received" and ";" in value:
+            return mime_date_timestamp(mime_date(value.rsplit(";", 1)[1]))
+    return None
+
+
+def mime_find_part(root: MimePart, part_id: str) -> MimePart | None:
+    for part in mime_walk(root):
+        if part.part_id == part_id and not part.type.startswith("multipart/"):
+            return part
+    return None
+
+
+# =============================================================================
 # 7.2 MAILBOX
 #     RFC 8621 §2 on the generic machine: the declaration, the tree rules (no
 #     cycles, unique sibling names, depth), role rules, sortAsTree/filterAsTree,
@@ -3040,9 +3861,12 @@ class MailboxType(TypeSpec):
             raise SetError("forbidden", "the Inbox cannot be destroyed")
         if self.live(ctx).where(Mailbox.parent_pk == row.pk).exists():
             raise SetError("mailboxHasChild", "destroy or move the child Mailboxes first")
-        if row.total_emails and not args["onDestroyRemoveEmails"]:
+        members = EmailMailbox.select(EmailMailbox.email_pk).where(
+            EmailMailbox.mailbox_pk == row.pk)
+        if members.exists() and not args["onDestroyRemoveEmails"]:
             raise SetError("mailboxHasEmail", "the Mailbox is not empty")
-        # TODO(RFC 8621 §2.5): onDestroyRemoveEmails removes the Emails once Email exists.
+        for (email_pk,) in members.tuples():
+            email_remove_from_mailbox(ctx.changes, Email.get_by_id(email_pk), row.pk)
 
     def destroy_order(self, ctx, raw_ids):
         """Children before parents, so one call can remove a whole subtree (RFC 8620 §5.3)."""
@@ -3121,6 +3945,388 @@ def mailbox_create_defaults(changes: ChangeLog, account_pk: int) -> None:
     for name, role, sort_order in DEFAULT_MAILBOXES:
         row = Mailbox(account_pk=account_pk, name=name, role=role, sort_order=sort_order)
         record_change(changes, "Mailbox", row, "created")
+
+
+# =============================================================================
+# 7.3 THREAD
+#     RFC 8621 §3: a Thread is the list of its Emails, oldest first. Thread ids
+#     are assigned when an Email is stored (thread_for_email in 7.4).
+# =============================================================================
+
+
+@register_type
+class ThreadType(TypeSpec):
+    """Thread (RFC 8621 §3)."""
+
+    name, capability, model, id_prefix = "Thread", CAP_MAIL, Thread, "T"
+    methods = ("get", "changes")
+    get_all = False
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "emailIds": Prop("list", server_set=True),
+    }
+
+    def compute(self, ctx, row, name):
+        emails = (Email.select(Email.pk)
+                  .where((Email.thread_pk == row.pk) & ~Email.destroyed)
+                  .order_by(Email.received_at, Email.pk).tuples())
+        return [id_for("e", pk) for (pk,) in emails]
+
+
+# =============================================================================
+# 7.4 EMAIL
+#     RFC 8621 §4 on the generic machine. email_store() is the one way a message
+#     becomes an Email (delivery, Email/import, import all call it): blob reference,
+#     row, membership, Mailbox counts, thread and the change log, in the caller's
+#     transaction. Fast properties come from a summary made at store time; body and
+#     header properties parse the raw message, once per call.
+# =============================================================================
+
+EMAIL_DEFAULT_PROPERTIES = [
+    "id", "blobId", "threadId", "mailboxIds", "keywords", "size", "receivedAt", "messageId",
+    "inReplyTo", "references", "sender", "from", "to", "cc", "bcc", "replyTo", "subject",
+    "sentAt", "hasAttachment", "preview", "bodyValues", "textBody", "htmlBody", "attachments",
+]
+BODY_PART_PROPERTIES = ("partId", "blobId", "size", "headers", "name", "type", "charset",
+                        "disposition", "cid", "language", "location", "subParts")
+DEFAULT_BODY_PROPERTIES = ["partId", "blobId", "size", "name", "type", "charset",
+                           "disposition", "cid", "language", "location"]
+KEYWORD_RE = re.compile(r'^[\x21-\x7e]{1,255}$')
+KEYWORD_FORBIDDEN = set('(){]%*"\\')
+MAX_KEYWORDS_PER_EMAIL = 100
+
+
+def _keywords(value) -> dict:
+    """Check a keywords object (RFC 8621 §4.1.1) and return it in lower case."""
+    if not isinstance(value, dict):
+        raise ValueError("keywords must be an object")
+    if len(value) > MAX_KEYWORDS_PER_EMAIL:
+        raise ValueError("too many keywords")
+    out = {}
+    for keyword, flag in value.items():
+        if flag is not True or not KEYWORD_RE.match(keyword) or set(keyword) & KEYWORD_FORBIDDEN:
+            raise ValueError(f"bad keyword {keyword!r}")
+        out[keyword.lower()] = True
+    return out
+
+
+def email_is_unread(keywords: dict) -> bool:
+    return "$seen" not in keywords and "$draft" not in keywords  # RFC 8621 §2 unreadEmails
+
+
+@register_type
+class EmailType(TypeSpec):
+    """Email (RFC 8621 §4). Only mailboxIds and keywords are mutable."""
+
+    name, capability, model, id_prefix = "Email", CAP_MAIL, Email, "e"
+    methods = ("get", "changes")
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "blobId": Prop("id", server_set=True, immutable=True),
+        "threadId": Prop("id", server_set=True, immutable=True),
+        "mailboxIds": Prop("object"),
+        "keywords": Prop("object", default={}),
+        "size": Prop("uint", "size", server_set=True, immutable=True),
+        "receivedAt": Prop("utcdate", "received_at", server_set=True, immutable=True),
+        **{name: Prop("any", server_set=True, immutable=True) for name in (
+            "messageId", "inReplyTo", "references", "sender", "from", "to", "cc", "bcc",
+            "replyTo", "subject", "sentAt", "hasAttachment", "preview", "headers",
+            "bodyStructure", "bodyValues", "textBody", "htmlBody", "attachments")},
+    }
+    default_properties = EMAIL_DEFAULT_PROPERTIES
+    get_args = {
+        "bodyProperties": (nullable(a_strs), None),
+        "fetchTextBodyValues": (a_bool, False),
+        "fetchHTMLBodyValues": (a_bool, False),
+        "fetchAllBodyValues": (a_bool, False),
+        "maxBodyValueBytes": (a_uint, 0),
+    }
+
+    def check_property(self, name: str) -> bool:
+        if not name.startswith("header:"):
+            return False
+        try:
+            mime_check_header_property(name)
+        except ValueError as exc:
+            raise MethodError("invalidArguments", str(exc)) from exc  # RFC 8621 §4.2
+        return True
+
+    def prepare_get(self, ctx, args):
+        wanted = args["bodyProperties"]
+        if wanted is None:
+            wanted = DEFAULT_BODY_PROPERTIES
+        for name in wanted:
+            if name not in BODY_PART_PROPERTIES and not self.check_property(name):
+                raise MethodError("invalidArguments", f"unknown body property {name!r}")
+        ctx.body_properties = wanted
+        ctx.get_args = args
+
+    def compute(self, ctx, row, name):
+        # long: one branch per computed Email property, RFC 8621 §4.1
+        if name == "blobId":
+            return blob_id(row.blob_sha256)
+        if name == "threadId":
+            return id_for("T", row.thread_pk)
+        if name == "mailboxIds":
+            return {id_for("M", pk): True for pk in email_mailbox_pks(row.pk)}
+        if name == "keywords":
+            return json.loads(row.keywords)
+        summary = json.loads(row.summary)
+        if name in summary:
+            return summary[name]
+        root = self._parsed(ctx, row)
+        if name == "headers":
+            return [{"name": n, "value": v} for n, v in root.headers]
+        if name.startswith("header:"):
+            return mime_header_property(root.headers, name)
+        blob_base = f"P{row.blob_sha256}"
+        if name == "bodyStructure":
+            return mime_part_json(root, blob_base, ctx.body_properties)
+        text_body, html_body, attachments = mime_body_lists(root)
+        if name == "bodyValues":
+            return email_body_values(root, text_body, html_body, ctx.get_args)
+        chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
+        wanted = [p for p in ctx.body_properties if p != "subParts"]
+        return [mime_part_json(part, blob_base, wanted) for part in chosen]
+
+    def _parsed(self, ctx, row) -> MimePart:
+        cache = ctx.__dict__.setdefault("parsed", {})
+        if row.pk not in cache:
+            with blob_open(ctx.app.cfg.data_dir, row.blob_sha256) as f:
+                cache[row.pk] = mime_email(f.read())
+        return cache[row.pk]
+
+
+def email_body_values(root: MimePart, text_body: list, html_body: list, args: dict) -> dict:
+    """bodyValues for the text parts the fetch* arguments ask for (RFC 8621 §4.2)."""
+    chosen = []
+    if args.get("fetchAllBodyValues"):
+        chosen = [p for p in mime_walk(root) if p.type.startswith("text/")]
+    else:
+        if args.get("fetchTextBodyValues"):
+            chosen += text_body
+        if args.get("fetchHTMLBodyValues"):
+            chosen += html_body
+    values = {}
+    for part in chosen:
+        if not part.type.startswith("text/") or part.part_id in values:
+            continue
+        text, problem = mime_part_text(part)
+        text, truncated = mime_truncate(text, args.get("maxBodyValueBytes") or 0,
+                                        part.type == "text/html")
+        values[part.part_id] = {"value": text, "isEncodingProblem": problem,
+                                "isTruncated": truncated}
+    return values
+
+
+def email_mailbox_pks(email_pk: int) -> list[int]:
+    return [pk for (pk,) in EmailMailbox.select(EmailMailbox.mailbox_pk)
+            .where(EmailMailbox.email_pk == email_pk).order_by(EmailMailbox.mailbox_pk).tuples()]
+
+
+# ---- storing and counting ----
+
+
+def email_store(changes: ChangeLog, account_pk: int, sha: str, raw: bytes, mailbox_pks: list,
+                keywords: dict, received_at: float | None, now: float) -> Email:
+    """Store a message as an Email in the caller's transaction (the one way mail enters)."""
+    root = mime_email(raw)
+    summary = mime_summary(root)
+    if received_at is None:
+        received_at = mime_received_at(root) or now
+    thread_pk = thread_for_email(changes, account_pk, summary)
+    before = thread_counts(thread_pk)
+    row = Email(account_pk=account_pk, blob_sha256=sha, size=len(raw),
+                received_at=int(received_at), sent_at=mime_date_timestamp(summary["sentAt"]),
+                thread_pk=thread_pk, keywords=json_dumps(keywords),
+                unread=email_is_unread(keywords), summary=json_dumps(summary))
+    record_change(changes, "Email", row, "created")
+    EmailMailbox.insert_many([(row.pk, m) for m in sorted(set(mailbox_pks))],
+                             fields=[EmailMailbox.email_pk, EmailMailbox.mailbox_pk]).execute()
+    blob_add_ref(account_pk, sha, len(raw), "email", now, owner_pk=row.pk)
+    mailbox_apply_counts(changes, before, thread_counts(thread_pk))
+    changes.next("EmailDelivery")  # RFC 8621 §1.5: changes only when new mail arrives
+    return row
+
+
+def thread_for_email(changes: ChangeLog, account_pk: int, summary: dict) -> int:
+    """The thread a new Email joins: for now each message starts its own (RFC 8621 §3)."""
+    thread = Thread(account_pk=account_pk)
+    record_change(changes, "Thread", thread, "created")
+    return thread.pk
+
+
+def thread_counts(thread_pk: int) -> dict:
+    """Per Mailbox: (emails, unread emails, thread in it, thread unread for it) for one thread.
+
+    RFC 8621 §2 unreadThreads with the trash rule: Emails only in the trash are left
+    out of other Mailboxes' counts, Emails not in the trash out of the trash's.
+    """
+    rows = (Email.select(Email.pk, Email.unread, EmailMailbox.mailbox_pk, Mailbox.role)
+            .join(EmailMailbox, on=(EmailMailbox.email_pk == Email.pk))
+            .join(Mailbox, on=(Mailbox.pk == EmailMailbox.mailbox_pk))
+            .where((Email.thread_pk == thread_pk) & ~Email.destroyed).tuples())
+    emails: dict = {}
+    for email_pk, unread, mailbox_pk, role in rows:
+        emails.setdefault(email_pk, [bool(unread), {}])[1][mailbox_pk] = role == "trash"
+    counts: dict = {}
+    for unread, boxes in emails.values():
+        for mailbox_pk in boxes:
+            c = counts.setdefault(mailbox_pk, [0, 0, 1, 0])
+            c[0] += 1
+            c[1] += unread
+    trash = {pk for _, boxes in emails.values() for pk, is_trash in boxes.items() if is_trash}
+    for mailbox_pk, c in counts.items():
+        if mailbox_pk in trash:  # only Emails in the trash count for the trash
+            c[3] = int(any(u and mailbox_pk in boxes for u, boxes in emails.values()))
+        else:  # Emails only in the trash do not count elsewhere
+            c[3] = int(any(u and not all(boxes.values()) for u, boxes in emails.values()))
+    return {pk: tuple(c) for pk, c in counts.items()}
+
+
+def mailbox_apply_counts(changes: ChangeLog, before: dict, after: dict) -> None:
+    """Add the difference of two thread_counts() to the Mailboxes and log count changes."""
+    for mailbox_pk in set(before) | set(after):
+        old, new = before.get(mailbox_pk, (0, 0, 0, 0)), after.get(mailbox_pk, (0, 0, 0, 0))
+        delta = [n - o for n, o in zip(new, old)]
+        if not any(delta):
+            continue
+        row = Mailbox.get_by_id(mailbox_pk)
+        row.total_emails += delta[0]
+        row.unread_emails += delta[1]
+        row.total_threads += delta[2]
+        row.unread_threads += delta[3]
+        record_change(changes, "Mailbox", row, "counts")
+
+
+def email_remove_from_mailbox(changes: ChangeLog, row: Email, mailbox_pk: int) -> None:
+    """Take an Email out of a Mailbox; an Email left in none is destroyed (RFC 8621 §2.5)."""
+    before = thread_counts(row.thread_pk)
+    EmailMailbox.delete().where((EmailMailbox.email_pk == row.pk)
+                                & (EmailMailbox.mailbox_pk == mailbox_pk)).execute()
+    if EmailMailbox.select().where(EmailMailbox.email_pk == row.pk).exists():
+        record_change(changes, "Email", row, "updated")
+    else:
+        email_destroy(changes, row)
+    mailbox_apply_counts(changes, before, thread_counts(row.thread_pk))
+
+
+def email_destroy(changes: ChangeLog, row: Email) -> None:
+    """Destroy an Email: tombstone, membership and blob reference gone, thread updated."""
+    EmailMailbox.delete().where(EmailMailbox.email_pk == row.pk).execute()
+    BlobRef.delete().where((BlobRef.kind == "email") & (BlobRef.owner_pk == row.pk)).execute()
+    record_change(changes, "Email", row, "destroyed")
+    thread = Thread.get_by_id(row.thread_pk)
+    alive = Email.select().where((Email.thread_pk == thread.pk) & ~Email.destroyed).exists()
+    record_change(changes, "Thread", thread, "updated" if alive else "destroyed")
+
+
+# ---- Email/import (RFC 8621 §4.8) ----
+
+IMPORT_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "ifInState": (nullable(a_str), None),
+    "emails": (a_obj, REQUIRED),
+}
+
+
+@jmap_method("Email/import", CAP_MAIL, writes=True)
+def email_import(ctx: Call, raw_args: dict) -> dict:
+    """Add uploaded messages as Emails (RFC 8621 §4.8)."""
+    args = take_args(raw_args, IMPORT_ARGS)
+    spec = TYPES["Email"]
+    if len(args["emails"]) > ctx.limits.max_objects_in_set:
+        raise MethodError("requestTooLarge", "more emails than maxObjectsInSet")
+    old_state = spec.state(ctx)
+    if args["ifInState"] is not None and args["ifInState"] != old_state:
+        raise MethodError("stateMismatch", f"state is {old_state}")
+    result = {"accountId": ctx.account.id, "oldState": old_state, "newState": None,
+              "created": {}, "notCreated": {}}
+    for cid, item in args["emails"].items():
+        _record_outcome(result, "created", "notCreated", cid,
+                        lambda: _import_one(ctx, cid, item))
+    result["newState"] = state_string(ctx.changes.touched.get("Email") or int(old_state))
+    result["created"] = result["created"] or None
+    result["notCreated"] = result["notCreated"] or None
+    return result
+
+
+def _import_one(ctx: Call, cid: str, item) -> dict:
+    if not isinstance(item, dict):
+        raise invalid_properties([], "an EmailImport must be an object")
+    bad = sorted(set(item) - {"blobId", "mailboxIds", "keywords", "receivedAt"})
+    raw = blob_read(ctx, item.get("blobId")) if isinstance(item.get("blobId"), str) else None
+    if raw is None:
+        bad.append("blobId")
+    mailbox_pks = email_mailbox_arg(ctx, item.get("mailboxIds"))
+    if mailbox_pks is None:
+        bad.append("mailboxIds")
+    try:
+        keywords = _keywords(item.get("keywords", {}))
+    except ValueError:
+        bad.append("keywords")
+    received_at = item.get("receivedAt")
+    try:
+        received_at = None if received_at is None else parse_utc_date(received_at)
+    except (ValueError, TypeError):
+        bad.append("receivedAt")
+    if bad:
+        raise invalid_properties(bad)
+    sha = hashlib.sha256(raw).hexdigest()
+    if blob_sha_from_id(item["blobId"]) != sha:  # a part of another message: store it
+        blob_store_bytes(ctx.app.cfg.data_dir, raw)
+    row = email_store(ctx.changes, ctx.account.pk, sha, raw, mailbox_pks, keywords,
+                      received_at, ctx.now)
+    ctx.created_ids[cid] = id_for("e", row.pk)
+    return {"id": id_for("e", row.pk), "blobId": blob_id(sha),
+            "threadId": id_for("T", row.thread_pk), "size": row.size}
+
+
+def email_mailbox_arg(ctx: Call, value) -> list[int] | None:
+    """Check a mailboxIds object: at least one existing Mailbox, every value true."""
+    if not isinstance(value, dict) or not value:
+        return None
+    pks = []
+    for raw_id, flag in value.items():
+        row = TYPES["Mailbox"].load(ctx, raw_id)
+        if flag is not True or row is None:
+            return None
+        pks.append(row.pk)
+    return pks
+
+
+def blob_read(ctx: Call, raw_blob_id: str) -> bytes | None:
+    """The octets of a blob the account may see (see blob_read_as)."""
+    return blob_read_as(ctx.app.cfg.data_dir, ctx.account.pk, ctx.user.pk, raw_blob_id, ctx.now)
+
+
+def blob_read_as(data_dir: str, account_pk: int, user_pk: int, raw_blob_id: str,
+                 now: float) -> bytes | None:
+    """Read a stored blob (`B<sha>`) or a message part (`P<sha>_<partId>[_<partId>…]`).
+
+    Part blobs are decoded from the message on demand; the account must hold a
+    reference to the message itself (RFC 8620 §6).
+    """
+    base, _, part_path = raw_blob_id.partition("_")
+    if base.startswith("P"):
+        base = BLOB_ID_PREFIX + base[1:]
+    elif part_path:
+        return None
+    sha = blob_sha_from_id(base)
+    if sha is None or blob_visible(account_pk, sha, now, user_pk) is None:
+        return None
+    if base != raw_blob_id.partition("_")[0] and not part_path:
+        return None  # "P<sha>" alone names no part
+    with blob_open(data_dir, sha) as f:
+        data = f.read()
+    for part_id in part_path.split("_") if part_path else []:
+        part = mime_find_part(mime_email(data), part_id)
+        if part is None:
+            return None
+        data = mime_decoded(part)
+    return data
+
+
 
 
 # =============================================================================
@@ -3396,19 +4602,26 @@ def http_download(app: App, raw_account_id: str, raw_blob_id: str, name: str):
     sha = blob_sha_from_id(raw_blob_id)
     blob = blob_visible(account.pk, sha, app.clock.now(), user.pk) if sha else None
     if blob is None:
-        raise http_problem(404, "about:blank", "no such blob")
+        part = blob_read_as(app.cfg.data_dir, account.pk, user.pk, raw_blob_id, app.clock.now())
+        if part is None:
+            raise http_problem(404, "about:blank", "no such blob")
+        return _http_blob_response(part, len(part), name)
+    return _http_blob_response(blob_open(app.cfg.data_dir, sha), blob.size, name)
+
+
+def _http_blob_response(body, size: int, name: str) -> bottle.HTTPResponse:
     media_type = bottle.request.query.getunicode("type") or ""
     if not MEDIA_TYPE_RE.match(media_type):
         media_type = "application/octet-stream"
     headers = {
         "Content-Type": media_type,
-        "Content-Length": str(blob.size),
+        "Content-Length": str(size),
         "Content-Disposition": http_content_disposition(name),
         "Cache-Control": "private, immutable, max-age=31536000",  # RFC 8620 §6.2
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox",
     }
-    return bottle.HTTPResponse(blob_open(app.cfg.data_dir, sha), 200, headers)
+    return bottle.HTTPResponse(body, 200, headers)
 
 
 def http_content_disposition(name: str) -> str:
