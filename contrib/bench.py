@@ -152,8 +152,62 @@ def bench_upload(args):
     print(f"server_peak_rss_after_upload: {peak:.1f} MiB")
 
 
+def synthetic_message(n: int, rng) -> bytes:
+    """A realistic-shaped message: plain, alternative, or with an attachment."""
+    words = ["meeting", "tomorrow", "invoice", "garden", "Grüße", "project", "photo", "dinner",
+             "report", "the", "and", "we", "could", "please", "thanks", "weekend", "café"]
+    text = " ".join(rng.choice(words) for _ in range(rng.randint(50, 1200)))
+    head = (f"From: Sender {n % 97} <s{n % 97}@example.com>\r\nTo: me@example.com\r\n"
+            f"Subject: =?UTF-8?Q?Message_{n}_=C3=BCber?= {rng.choice(words)}\r\n"
+            f"Date: Tue, 1 Nov 2026 10:{n % 60:02d}:00 +0100\r\n"
+            f"Message-ID: <m{n}@example.com>\r\nMIME-Version: 1.0\r\n")
+    kind = n % 10
+    if kind < 6:
+        return (head + "Content-Type: text/plain; charset=utf-8\r\n"
+                "Content-Transfer-Encoding: 8bit\r\n\r\n" + text + "\r\n").encode()
+    html = "<html><body><p>" + text + "</p></body></html>"
+    parts = ("--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text + "\r\n"
+             "--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html + "\r\n")
+    if kind == 9:
+        import base64
+        blob = base64.encodebytes(rng.randbytes(rng.randint(10_000, 80_000))).decode()
+        parts += ("--b\r\nContent-Type: application/pdf; name=\"r.pdf\"\r\n"
+                  "Content-Disposition: attachment; filename=\"r.pdf\"\r\n"
+                  "Content-Transfer-Encoding: base64\r\n\r\n" + blob)
+    sub = "mixed" if kind == 9 else "alternative"
+    return (head + f"Content-Type: multipart/{sub}; boundary=\"b\"\r\n\r\n" + parts
+            + "--b--\r\n").encode()
+
+
+def bench_store(args):
+    """Messages/s parsed and stored through deliver_message, single commits and batched."""
+    import random
+    sys.path.insert(0, str(ROOT))
+    import jmapd
+
+    rng = random.Random(42)
+    messages = [synthetic_message(n, rng) for n in range(args.messages)]
+    print(f"store_messages: {len(messages)} ({sum(map(len, messages)) / 2**20:.1f} MiB)")
+    for batch in (1, 100):
+        with tempfile.TemporaryDirectory(prefix="jmapd-bench-") as tmp:
+            jmapd.db_open(tmp, create=True)
+            auth = jmapd.Authenticator(True, jmapd.Clock())
+            account = jmapd.account_create(auth, "bench@example.com", "pw", time.time())
+            inbox = jmapd.Mailbox.get((jmapd.Mailbox.account_pk == account.pk)
+                                      & (jmapd.Mailbox.role == "inbox")).pk
+            started = time.perf_counter()
+            for i in range(0, len(messages), batch):
+                jmapd.deliver_message(tmp, account.pk, messages[i:i + batch], [inbox], {},
+                                      time.time())
+            elapsed = time.perf_counter() - started
+            jmapd.db.close()
+        print(f"store_batch_{batch}: {len(messages) / elapsed:.0f} messages/s")
+    print(f"store_rss_after: {proc_status(os.getpid(), 'VmRSS') / 1024:.1f} MiB")
+    print(f"store_peak_rss: {proc_status(os.getpid(), 'VmHWM') / 1024:.1f} MiB")
+
+
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
-              "upload": bench_upload}
+              "upload": bench_upload, "store": bench_store}
 
 
 def main():
@@ -163,6 +217,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="start-ups to measure")
     parser.add_argument("--requests", type=int, default=500, help="requests per latency run")
     parser.add_argument("--upload-mb", type=int, default=100, help="upload size in MiB")
+    parser.add_argument("--messages", type=int, default=10_000, help="messages to store")
     args = parser.parse_args()
     for name in args.names or BENCHMARKS:
         BENCHMARKS[name](args)
