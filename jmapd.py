@@ -36,6 +36,8 @@ INDEX
     7.2 Mailbox
     7.3 Thread
     7.4 Email
+    7.5 SearchSnippet
+    7.8 Search (FTS5)
     8   Delivery and submission
     8.1 deliver_message
     13  HTTP routes
@@ -822,10 +824,18 @@ def db_open(data_dir: str, create: bool) -> peewee.SqliteDatabase:
     database.register_collation(_collate_ascii_casemap, SQL_COLLATION["i;ascii-casemap"])
     database.register_collation(_collate_octet, SQL_COLLATION["i;octet"])
     database.register_function(_sql_casefold, "jmap_casefold", 1)
+    database.register_function(
+        lambda sha, name, value: search_header_matches(data_dir, sha, name, value),
+        "jmap_header_matches", 3)
     db.initialize(database)
     database.connect(reuse_if_open=True)
     db_migrate(database)
     return database
+
+
+def db_data_dir() -> str:
+    """The data directory of the open database (blob files live beside it)."""
+    return os.path.dirname(db.obj.database)
 
 
 def db_data_version(database) -> int:
@@ -913,6 +923,23 @@ class Email(JmapRow):
     keywords = peewee.TextField(default="{}")
     unread = peewee.BooleanField(default=True)
     summary = peewee.TextField(default="{}")
+    message_id = peewee.TextField(null=True)
+    subject_sort = peewee.TextField(default="")
+    from_sort = peewee.TextField(default="")
+    to_sort = peewee.TextField(default="")
+    has_attachment = peewee.BooleanField(default=False)
+
+
+class EmailKeyword(BaseModel):
+    """One keyword of one Email, with its thread for the *InThreadHaveKeyword filters."""
+
+    email_pk = peewee.IntegerField()
+    thread_pk = peewee.IntegerField()
+    keyword = peewee.TextField()
+
+    class Meta:
+        table_name = "email_keyword"
+        primary_key = peewee.CompositeKey("keyword", "email_pk")
 
 
 class EmailMailbox(BaseModel):
@@ -1074,10 +1101,41 @@ def _migration_3_email(database) -> None:
         database.execute_sql(statement)
 
 
+def _migration_4_email_search(database) -> None:
+    for statement in (
+        "ALTER TABLE email ADD COLUMN message_id TEXT",
+        "ALTER TABLE email ADD COLUMN subject_sort TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE email ADD COLUMN from_sort TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE email ADD COLUMN to_sort TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE email ADD COLUMN has_attachment INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE email_keyword (
+            keyword TEXT NOT NULL,
+            email_pk INTEGER NOT NULL REFERENCES email(pk) ON DELETE CASCADE,
+            thread_pk INTEGER NOT NULL,
+            PRIMARY KEY (keyword, email_pk)) WITHOUT ROWID""",
+        "CREATE INDEX email_keyword_thread ON email_keyword(thread_pk, keyword)",
+        "CREATE INDEX email_keyword_email ON email_keyword(email_pk)",
+        """CREATE TABLE email_msgid (
+            account_pk INTEGER NOT NULL,
+            msgid TEXT NOT NULL,
+            email_pk INTEGER NOT NULL REFERENCES email(pk) ON DELETE CASCADE,
+            own INTEGER NOT NULL,
+            PRIMARY KEY (account_pk, msgid, email_pk)) WITHOUT ROWID""",
+        "CREATE INDEX email_msgid_email ON email_msgid(email_pk)",
+        """CREATE VIRTUAL TABLE email_fts USING fts5(
+            subject, from_, to_, cc_, bcc_, body,
+            content='', tokenize='unicode61 remove_diacritics 2')""",
+        "CREATE INDEX email_mailbox_sorted ON email(account_pk, received_at DESC, pk) "
+        "WHERE destroyed = 0",
+    ):
+        database.execute_sql(statement)
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
     (3, "email and thread", _migration_3_email),
+    (4, "email search", _migration_4_email_search),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1868,6 +1926,9 @@ def engine_call(ctx: Call, name: str, args: dict) -> dict:
     except MethodError:
         raise
     except peewee.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            log.exception("%s failed", name)
+            raise MethodError("serverFail", "internal error; see the server log") from exc
         log.warning("%s: database unavailable: %s", name, exc)
         raise MethodError("serverUnavailable", "the database is busy; try again") from exc
     except Exception as exc:  # noqa: BLE001 -- a bug: log it, answer serverFail, go on
@@ -2061,6 +2122,7 @@ class TypeSpec:
       validate_final(ctx)           check the end state of a /set (raise MethodError)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
       changes_extra(ctx, since, rows)   extra /changes response members
+      query_changed(ctx, args, since)   objects a /queryChanges must re-place
     """
 
     name: str = ""
@@ -2152,6 +2214,13 @@ class TypeSpec:
 
     def change_column(self):
         return self.model.updated_modseq
+
+    def query_changed(self, ctx: Call, args: dict, since: int) -> dict:
+        """Map pk -> created_modseq of every object whose query position may have changed."""
+        model = self.model
+        rows = model.select(model.pk, model.created_modseq).where(
+            (model.account_pk == ctx.account.pk) & (model.updated_modseq > since))
+        return dict(rows.tuples())
 
     def changes_extra(self, ctx: Call, since: int, rows: list) -> dict:
         return {}
@@ -2788,6 +2857,8 @@ def sort_order(spec: TypeSpec, comparators: list) -> list:
         column = spec.sorts.get(comparator["property"])
         if column is None:
             raise MethodError("unsupportedSort", f"cannot sort by {comparator['property']!r}")
+        if callable(column):  # a sort with its own arguments (e.g. Email's "keyword")
+            column = column(comparator)
         direction = "ASC" if comparator.get("isAscending", True) else "DESC"
         collation = comparator.get("collation", "i;unicode-casemap")
         if collation not in SQL_COLLATION:
@@ -2817,13 +2888,7 @@ def method_query_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     if not spec.can_calculate_changes(args):
         raise MethodError("cannotCalculateChanges", "this query cannot report changes")
     pks = query_results(spec, ctx, args)
-    model = spec.model
-    changed = {
-        pk: created
-        for pk, created in model.select(model.pk, model.created_modseq)
-        .where((model.account_pk == ctx.account.pk) & (model.updated_modseq > since))
-        .tuples()
-    }
+    changed = spec.query_changed(ctx, args, since)
     removed = [spec.id_of(pk) for pk, created in sorted(changed.items()) if created <= since]
     added = [
         {"id": spec.id_of(pk), "index": index} for index, pk in enumerate(pks) if pk in changed
@@ -3042,8 +3107,8 @@ def mime_split(raw: bytes) -> tuple[bytes, bytes]:
 def mime_header_fields(block: bytes) -> list:
     """Cut a header block into (name, raw value) fields, keeping folding as it is.
 
-    lenient: a line without a colon is taken as the continuation of the previous field
-    (or dropped at the start); NUL octets are dropped (RFC 8621 §4.1.2.1).
+    lenient: a line that is neither a field nor a continuation is dropped; NUL octets
+    are dropped (RFC 8621 §4.1.2.1).
     """
     fields = []
     for line in _LINE_END_RE.split(block.replace(b"\0", b"")):
@@ -3052,8 +3117,6 @@ def mime_header_fields(block: bytes) -> list:
             continue
         name, sep, value = line.partition(b":")
         if not sep or not name.strip() or re.search(rb"[\x00-\x20\x7f-\xff]", name.strip()):
-            if fields and line.strip():
-                fields[-1][1] += b"\r\n " + line
             continue
         fields.append([name.strip(), value])
     return [(n.decode("ascii", "replace"), _raw_text(v)) for n, v in fields]
@@ -3095,9 +3158,13 @@ def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
 
 def _mime_type(part: MimePart, default_type: str) -> str:
     """The part's media type, lower case, without parameters (RFC 8621 §4.1.4 `type`)."""
-    if part.header("content-type") is None:
+    value = part.header("content-type")
+    if value is None:
         return default_type
-    return part.params.get_content_type()  # a malformed value reads as text/plain (RFC 2045)
+    media = re.sub(r"\s+", "", _strip_params(value)).lower()
+    if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", media):
+        return "text/plain"  # RFC 2045 §5.2: a malformed Content-Type means text/plain
+    return media
 
 
 def _mime_children(body: bytes, boundary: bytes) -> list[bytes]:
@@ -3347,9 +3414,8 @@ def mime_address_groups(raw: str) -> list[dict]:
 
 def _mailbox(tokens: list) -> dict | None:
     """One mailbox from its tokens: name-addr, addr-spec, or a bare word."""
-    meaningful = [t for t in tokens if t[0] != "w"]
-    if not meaningful:
-        return None
+    if not any(kind in ("a", "q") or token == "<" for kind, token in tokens):
+        return None  # only white space or comments (e.g. after a group's ";")
     if ("s", "<") in tokens:
         start = tokens.index(("s", "<"))
         end = tokens.index(("s", ">")) if ("s", ">") in tokens[start:] else len(tokens)
@@ -3358,11 +3424,9 @@ def _mailbox(tokens: list) -> dict | None:
         if name is None:
             name = _comment_name(tokens[end + 1:])
         return {"name": name, "email": email}
-    comments = [i for i, t in enumerate(tokens) if t[0] == "c"]
     body = [t for t in tokens if t[0] != "c"]
-    email = _addr_spec(body)
-    name = _comment_name(tokens[comments[0]:]) if comments else None
-    return {"name": name, "email": email}
+    last = max(i for i, t in enumerate(tokens) if t[0] in ("a", "q", "s"))
+    return {"name": _comment_name(tokens[last + 1:]), "email": _addr_spec(body)}
 
 
 def _addr_spec(tokens: list) -> str:
@@ -3374,12 +3438,13 @@ def _addr_spec(tokens: list) -> str:
 
 
 def _phrase(tokens: list) -> str | None:
-    """A display name: quotes and quoted-pairs removed, encoded words outside quotes
-    decoded (never inside a quoted-string: RFC 2047 §5), white space collapsed."""
+    """A display name (RFC 8621 §4.1.2.3): a quoted-string keeps its inner white space,
+    quotes and quoted-pairs removed; words outside quotes are joined by single spaces
+    and their encoded words decoded (never inside a quoted-string: RFC 2047 §5)."""
     pieces, run = [], ""
     for kind, token in tokens:
         if kind == "q":
-            pieces.append(mime_decode_words(run))
+            pieces.append(mime_decode_words(re.sub(r"\s+", " ", run)))
             run = ""
             inner = token[1:-1] if token.endswith('"') and len(token) > 1 else token[1:]
             pieces.append(re.sub(r"\\(.)", r"\1", inner, flags=re.S))
@@ -3387,8 +3452,8 @@ def _phrase(tokens: list) -> str | None:
             run += " "
         elif kind in ("a", "s") and token not in "<>,:;":
             run += token
-    pieces.append(mime_decode_words(run))
-    text = re.sub(r"\s+", " ", "".join(pieces)).strip()
+    pieces.append(mime_decode_words(re.sub(r"\s+", " ", run)))
+    text = "".join(pieces).strip()
     return unicodedata.normalize("NFC", text) or None
 
 
@@ -3490,7 +3555,8 @@ def _part_property(part: MimePart, blob_base: str, name: str, wanted: list):
             if value is not None and value.strip() else None
     if name == "language":
         value = part.header("content-language")
-        return [v for v in re.split(r"[\s,]+", _unfold(value)) if v] if value else None
+        text = re.sub(r"\([^()]*\)", " ", _unfold(value)) if value else ""
+        return [v for v in re.split(r"[\s,]+", text) if v] or None if value else None
     if name == "location":
         value = part.header("content-location")
         return re.sub(r"\s+", "", _unfold(value)) if value is not None else None
@@ -3712,6 +3778,24 @@ def mime_email(raw: bytes) -> MimePart:
     except (MimeError, RecursionError, ValueError, LookupError) as exc:
         log.getChild("mime").warning("unparsable message (%s); kept as one part", exc)
         return MimePart([], raw, None, "text/plain", "1")
+
+
+def mime_base_subject(subject: str | None) -> str:
+    """The base subject (RFC 5256 §2.1): reply/forward prefixes, list tags and (fwd) gone."""
+    text = re.sub(r"\s+", " ", subject or "").strip()
+    while True:
+        before = text
+        text = re.sub(r"\s*\(fwd\)$", "", text, flags=re.IGNORECASE)
+        wrapped = re.fullmatch(r"\[fwd:\s*(.*)\]", text, flags=re.IGNORECASE)
+        if wrapped:
+            text = wrapped.group(1).strip()
+        text = re.sub(r"^(?:re|fwd?|aw|sv|wg)\s*(?:\[[^\[\]]*\])?\s*:\s*", "", text,
+                      flags=re.IGNORECASE)
+        untagged = re.sub(r"^\[[^\[\]]*\]\s*", "", text)
+        if untagged:  # a list tag goes, unless it is all there is
+            text = untagged
+        if text == before:
+            return text
 
 
 def mime_received_at(root: MimePart) -> int | None:
@@ -4052,12 +4136,127 @@ def email_is_unread(keywords: dict) -> bool:
     return "$seen" not in keywords and "$draft" not in keywords  # RFC 8621 §2 unreadEmails
 
 
+# ---- Email/query filters and sorts (RFC 8621 §4.4) ----
+
+
+def _keyword_value(value) -> str:
+    keyword = a_str(value)
+    if not KEYWORD_RE.match(keyword) or set(keyword) & KEYWORD_FORBIDDEN:
+        raise ValueError(f"bad keyword {keyword!r}")
+    return keyword.lower()
+
+
+def _has_keyword(keyword: str, email_pk_column=None):
+    return peewee.fn.EXISTS(EmailKeyword.select(peewee.SQL("1")).where(
+        (EmailKeyword.email_pk == (email_pk_column or Email.pk))
+        & (EmailKeyword.keyword == keyword)))
+
+
+def _some_in_thread(keyword: str):
+    return peewee.fn.EXISTS(EmailKeyword.select(peewee.SQL("1")).where(
+        (EmailKeyword.thread_pk == Email.thread_pk) & (EmailKeyword.keyword == keyword)))
+
+
+def _all_in_thread(keyword: str):
+    other = Email.alias("other")
+    missing = other.select(peewee.SQL("1")).where(
+        (other.thread_pk == Email.thread_pk) & ~other.destroyed
+        & ~_has_keyword(keyword, other.pk))
+    return ~peewee.fn.EXISTS(missing)
+
+
+def _filter_in_mailbox(ctx, value):
+    pk = pk_from_id("M", resolve_creation_id(ctx, a_id(value)))
+    return Email.pk.in_(EmailMailbox.select(EmailMailbox.email_pk)
+                        .where(EmailMailbox.mailbox_pk == (pk or -1)))
+
+
+def _filter_in_mailbox_other_than(ctx, value):
+    pks = [pk_from_id("M", resolve_creation_id(ctx, i)) or -1 for i in a_ids(value)]
+    return peewee.fn.EXISTS(EmailMailbox.select(peewee.SQL("1")).where(
+        (EmailMailbox.email_pk == Email.pk) & EmailMailbox.mailbox_pk.not_in(pks)))
+
+
+def _filter_header(ctx, value):
+    if not isinstance(value, list) or not 1 <= len(value) <= 2 \
+            or not all(isinstance(v, str) for v in value):
+        raise ValueError("header takes [name] or [name, text]")
+    name, text = value[0], value[1] if len(value) == 2 else None
+    return peewee.fn.jmap_header_matches(Email.blob_sha256, name, text) == 1
+
+
+EMAIL_FILTERS = {
+    "inMailbox": _filter_in_mailbox,
+    "inMailboxOtherThan": _filter_in_mailbox_other_than,
+    "before": lambda ctx, v: Email.received_at < parse_utc_date(a_str(v)),
+    "after": lambda ctx, v: Email.received_at >= parse_utc_date(a_str(v)),
+    "minSize": lambda ctx, v: Email.size >= a_uint(v),
+    "maxSize": lambda ctx, v: Email.size < a_uint(v),
+    "allInThreadHaveKeyword": lambda ctx, v: _all_in_thread(_keyword_value(v)),
+    "someInThreadHaveKeyword": lambda ctx, v: _some_in_thread(_keyword_value(v)),
+    "noneInThreadHaveKeyword": lambda ctx, v: ~_some_in_thread(_keyword_value(v)),
+    "hasKeyword": lambda ctx, v: _has_keyword(_keyword_value(v)),
+    "notKeyword": lambda ctx, v: ~_has_keyword(_keyword_value(v)),
+    "hasAttachment": lambda ctx, v: Email.has_attachment == a_bool(v),
+    "text": lambda ctx, v: search_filter(FTS_COLUMNS)(ctx, v),  # 7.8
+    "from": lambda ctx, v: search_filter(("from_",))(ctx, v),  # 7.8
+    "to": lambda ctx, v: search_filter(("to_",))(ctx, v),  # 7.8
+    "cc": lambda ctx, v: search_filter(("cc_",))(ctx, v),  # 7.8
+    "bcc": lambda ctx, v: search_filter(("bcc_",))(ctx, v),  # 7.8
+    "subject": lambda ctx, v: search_filter(("subject",))(ctx, v),  # 7.8
+    "body": lambda ctx, v: search_filter(("body",))(ctx, v),  # 7.8
+    "header": _filter_header,
+}
+
+
+def _keyword_sort(make):
+    def sort(comparator):
+        try:
+            return make(_keyword_value(comparator.get("keyword"))), False
+        except ValueError as exc:
+            raise MethodError("invalidArguments", f"sort: {exc}") from exc
+
+    return sort
+
+
+EMAIL_SORTS = {
+    "receivedAt": (Email.received_at, False),
+    "size": (Email.size, False),
+    "from": (Email.from_sort, True),
+    "to": (Email.to_sort, True),
+    "subject": (Email.subject_sort, True),
+    "sentAt": (Email.sent_at, False),
+    "hasKeyword": _keyword_sort(_has_keyword),
+    "allInThreadHaveKeyword": _keyword_sort(_all_in_thread),
+    "someInThreadHaveKeyword": _keyword_sort(_some_in_thread),
+}
+_THREAD_WIDE = {"allInThreadHaveKeyword", "someInThreadHaveKeyword", "noneInThreadHaveKeyword"}
+
+
+def _uses_thread_state(args: dict) -> bool:
+    """Whether a query's results depend on other Emails of a thread than the one placed."""
+    sorts = {c.get("property") for c in args.get("sort") or []}
+    return bool(args.get("collapseThreads") or sorts & _THREAD_WIDE
+                or _THREAD_WIDE & set(_filter_keys(args.get("filter"))))
+
+
+def _filter_keys(raw_filter):
+    if not isinstance(raw_filter, dict):
+        return
+    for condition in raw_filter.get("conditions") or []:
+        yield from _filter_keys(condition)
+    yield from (k for k in raw_filter if k not in ("operator", "conditions"))
+
+
 @register_type
 class EmailType(TypeSpec):
     """Email (RFC 8621 §4). Only mailboxIds and keywords are mutable."""
 
     name, capability, model, id_prefix = "Email", CAP_MAIL, Email, "e"
-    methods = ("get", "changes")
+    methods = ("get", "changes", "query", "queryChanges")
+    filters = EMAIL_FILTERS
+    sorts = EMAIL_SORTS
+    query_args = {"collapseThreads": (a_bool, False)}
     props = {
         "id": Prop("id", server_set=True, immutable=True),
         "blobId": Prop("id", server_set=True, immutable=True),
@@ -4124,8 +4323,33 @@ class EmailType(TypeSpec):
         if name == "bodyValues":
             return email_body_values(root, text_body, html_body, ctx.get_args)
         chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
-        wanted = [p for p in ctx.body_properties if p != "subParts"]
-        return [mime_part_json(part, blob_base, wanted) for part in chosen]
+        return [mime_part_json(part, blob_base, ctx.body_properties) for part in chosen]
+
+    def query_order(self, ctx, args, pks):
+        """collapseThreads: keep the first Email of each thread (RFC 8621 §4.4.3)."""
+        if not args.get("collapseThreads") or not pks:
+            return pks
+        threads = dict(Email.select(Email.pk, Email.thread_pk).where(
+            (Email.account_pk == ctx.account.pk) & ~Email.destroyed).tuples())
+        seen, out = set(), []
+        for pk in pks:
+            if threads[pk] not in seen:
+                seen.add(threads[pk])
+                out.append(pk)
+        return out
+
+    def query_changed(self, ctx, args, since):
+        """With collapsed threads or thread-wide keywords, a change to one Email can move
+        the others of its thread: re-place every Email of a thread that changed."""
+        changed = super().query_changed(ctx, args, since)
+        if not _uses_thread_state(args):
+            return changed
+        threads = Thread.select(Thread.pk).where(
+            (Thread.account_pk == ctx.account.pk) & (Thread.updated_modseq > since))
+        rows = Email.select(Email.pk, Email.created_modseq).where(
+            (Email.account_pk == ctx.account.pk) & Email.thread_pk.in_(threads))
+        changed.update(rows.tuples())
+        return changed
 
     def _parsed(self, ctx, row) -> MimePart:
         cache = ctx.__dict__.setdefault("parsed", {})
@@ -4183,9 +4407,20 @@ def email_store(changes: ChangeLog, account_pk: int, sha: str, raw: bytes, mailb
         changes, "Email", Email, blob_sha256=sha, size=len(raw), received_at=int(received_at),
         sent_at=mime_date_timestamp(summary["sentAt"]), thread_pk=thread_pk,
         keywords=json_dumps(keywords), unread=email_is_unread(keywords),
-        summary=json_dumps(summary))
-    db.cursor().executemany("INSERT INTO email_mailbox (email_pk, mailbox_pk) VALUES (?, ?)",
-                            [(email_pk, m) for m in sorted(set(mailbox_pks))])
+        summary=json_dumps(summary), message_id=(summary["messageId"] or [None])[0],
+        subject_sort=mime_base_subject(summary["subject"]),
+        from_sort=_address_sort_key(summary["from"]), to_sort=_address_sort_key(summary["to"]),
+        has_attachment=summary["hasAttachment"])
+    cursor = db.cursor()
+    cursor.executemany("INSERT INTO email_mailbox (email_pk, mailbox_pk) VALUES (?, ?)",
+                       [(email_pk, m) for m in sorted(set(mailbox_pks))])
+    cursor.executemany("INSERT INTO email_keyword (keyword, email_pk, thread_pk) VALUES (?, ?, ?)",
+                       [(k, email_pk, thread_pk) for k in keywords])
+    ids = [(i, 1) for i in summary["messageId"] or []]
+    ids += [(i, 0) for i in (summary["references"] or []) + (summary["inReplyTo"] or [])]
+    cursor.executemany("INSERT OR IGNORE INTO email_msgid (account_pk, msgid, email_pk, own) "
+                       "VALUES (?, ?, ?, ?)", [(account_pk, i, email_pk, own) for i, own in ids])
+    search_index(email_pk, root, summary)
     blob_add_ref(account_pk, sha, len(raw), "email", now, owner_pk=email_pk)
     mailbox_apply_counts(changes, before, thread_counts(thread_pk))
     changes.next("EmailDelivery")  # RFC 8621 §1.5: changes only when new mail arrives
@@ -4193,8 +4428,37 @@ def email_store(changes: ChangeLog, account_pk: int, sha: str, raw: bytes, mailb
                  thread_pk=thread_pk, received_at=int(received_at))
 
 
+def _address_sort_key(addresses) -> str:
+    """RFC 8621 §4.4.2 `from`/`to` sort: the first address's name, else its email."""
+    if not addresses:
+        return ""
+    return addresses[0]["name"] or addresses[0]["email"] or ""
+
+
 def thread_for_email(changes: ChangeLog, account_pk: int, summary: dict) -> int:
-    """The thread a new Email joins: for now each message starts its own (RFC 8621 §3)."""
+    """The thread a new Email joins (RFC 8621 §3).
+
+    It joins the thread of a message it names in References/In-Reply-To, or of a
+    message that names it (a reply that came first), if their base subjects agree;
+    the subject check keeps broken References from merging strangers, and a subject
+    alone never joins anything. Otherwise it starts a thread of its own.
+    """
+    refs = (summary.get("references") or []) + (summary.get("inReplyTo") or [])
+    own = summary.get("messageId") or []
+    subject = mime_base_subject(summary.get("subject")).casefold()
+    candidates = []
+    for ids, kind in ((refs, 1), (own, 0)):
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            candidates += db.execute_sql(
+                "SELECT e.thread_pk, e.subject_sort FROM email_msgid m JOIN email e "
+                f"ON e.pk = m.email_pk WHERE m.account_pk = ? AND m.own = ? AND m.msgid IN ({marks}) "
+                "AND e.destroyed = 0 ORDER BY e.pk", [account_pk, kind, *ids]).fetchall()
+    for thread_pk, other_subject in candidates:
+        if other_subject.casefold() == subject:
+            db.execute_sql("UPDATE thread SET updated_modseq = ? WHERE pk = ?",
+                           (changes.next("Thread"), thread_pk))  # its emailIds change
+            return thread_pk
     return record_new(changes, "Thread", Thread)
 
 
@@ -4254,7 +4518,11 @@ def email_remove_from_mailbox(changes: ChangeLog, row: Email, mailbox_pk: int) -
 
 def email_destroy(changes: ChangeLog, row: Email) -> None:
     """Destroy an Email: tombstone, membership and blob reference gone, thread updated."""
+    with blob_open(db_data_dir(), row.blob_sha256) as f:
+        root = mime_email(f.read())
+    search_unindex(row.pk, root, json.loads(row.summary))
     EmailMailbox.delete().where(EmailMailbox.email_pk == row.pk).execute()
+    EmailKeyword.delete().where(EmailKeyword.email_pk == row.pk).execute()
     BlobRef.delete().where((BlobRef.kind == "email") & (BlobRef.owner_pk == row.pk)).execute()
     record_change(changes, "Email", row, "destroyed")
     thread = Thread.get_by_id(row.thread_pk)
@@ -4368,6 +4636,184 @@ def blob_read_as(data_dir: str, account_pk: int, user_pk: int, raw_blob_id: str,
     return data
 
 
+
+
+# =============================================================================
+# 7.5 SEARCHSNIPPET
+#     RFC 8621 §5: the subject and a piece of the body with the query's terms
+#     marked. Terms come from the filter's text conditions (search_terms).
+# =============================================================================
+
+SNIPPET_CHARS = 200
+SNIPPET_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "filter": (nullable(a_obj), None),
+    "emailIds": (a_ids, REQUIRED),
+}
+
+
+@jmap_method("SearchSnippet/get", CAP_MAIL)
+def search_snippet_get(ctx: Call, raw_args: dict) -> dict:
+    """Highlight the filter's terms in the subject and body of Emails (RFC 8621 §5)."""
+    args = take_args(raw_args, SNIPPET_ARGS)
+    if len(args["emailIds"]) > ctx.limits.max_objects_in_get:
+        raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
+    spec = TYPES["Email"]
+    if args["filter"] is not None:
+        filter_expression(spec, ctx, args["filter"], 0)  # same checks as Email/query
+    terms = search_terms(args["filter"])
+    found, not_found = [], []
+    for raw_id in dict.fromkeys(args["emailIds"]):
+        row = spec.load(ctx, raw_id)
+        if row is None:
+            not_found.append(raw_id)
+            continue
+        summary = json.loads(row.summary)
+        body = search_body_text(spec._parsed(ctx, row))
+        found.append({"emailId": raw_id, "subject": search_mark(summary["subject"], terms),
+                      "preview": search_mark(search_excerpt(body, terms), terms)})
+    return {"accountId": ctx.account.id, "list": found, "notFound": not_found}
+
+
+def search_terms(raw_filter) -> list[str]:
+    """The words and phrases of every text condition in a filter, casefolded."""
+    if not isinstance(raw_filter, dict):
+        return []
+    if isinstance(raw_filter.get("conditions"), list) and raw_filter.get("operator") != "NOT":
+        return [t for c in raw_filter["conditions"] for t in search_terms(c)]
+    terms = []
+    for key in ("text", "subject", "body", "from", "to", "cc", "bcc"):
+        if isinstance(raw_filter.get(key), str):
+            terms += [t.casefold() for t in search_parse_query(raw_filter[key])]
+    return [t for t in terms if t]
+
+
+def search_excerpt(text: str, terms: list) -> str | None:
+    """Up to SNIPPET_CHARS of text around the first matching term (None if none matches)."""
+    folded = text.casefold()
+    hits = [folded.find(t) for t in terms if t and folded.find(t) >= 0]
+    if not hits:
+        return None
+    start = max(0, min(hits) - SNIPPET_CHARS // 4)
+    return re.sub(r"\s+", " ", text[start: start + SNIPPET_CHARS]).strip()
+
+
+def search_mark(text: str | None, terms: list) -> str | None:
+    """Escape text as HTML and wrap the terms in <mark> (RFC 8621 §5)."""
+    import html as html_lib  # lazy: search only
+
+    if text is None or not terms:
+        return None
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)),
+                         re.IGNORECASE)
+    out, last, marked = [], 0, False
+    for match in pattern.finditer(text):
+        out.append(html_lib.escape(text[last: match.start()]))
+        out.append(f"<mark>{html_lib.escape(match.group(0))}</mark>")
+        last, marked = match.end(), True
+    out.append(html_lib.escape(text[last:]))
+    return "".join(out) if marked else None
+
+
+# =============================================================================
+# 7.8 SEARCH
+#     SQLite FTS5 (contentless) over subject, addresses and body text, written in
+#     the same transaction as the Email, so mail is searchable once stored. Query
+#     strings follow RFC 8621 §4.4.1: words must all match, quotes make phrases.
+# =============================================================================
+
+MAX_INDEXED_BODY_CHARS = 200_000
+FTS_COLUMNS = ("subject", "from_", "to_", "cc_", "bcc_", "body")
+
+
+def search_parse_query(text: str) -> list[str]:
+    """Split a search string into words and quoted phrases (RFC 8621 §4.4.1)."""
+    terms, i = [], 0
+    while i < len(text):
+        if text[i] in "'\"":
+            quote, j, phrase = text[i], i + 1, ""
+            while j < len(text) and text[j] != quote:
+                if text[j] == "\\" and j + 1 < len(text):
+                    j += 1
+                phrase += text[j]
+                j += 1
+            terms.append(phrase.strip())
+            i = j + 1
+            continue
+        match = re.match(r"[^\s'\"]+", text[i:])
+        if match:
+            terms.append(match.group(0))
+            i += match.end()
+        else:
+            i += 1
+    return [t for t in terms if t]
+
+
+def search_fts_query(text: str, columns: tuple) -> str:
+    """An FTS5 MATCH expression: every term (as a phrase) in one of the columns."""
+    terms = search_parse_query(text)
+    if not terms:
+        raise ValueError("nothing to search for")
+    scope = "{" + " ".join(columns) + "}: " if columns != FTS_COLUMNS else ""
+    return " AND ".join(scope + '"' + t.replace('"', '""') + '"' for t in terms)
+
+
+def search_filter(column_names: tuple):
+    """A filter condition over FTS columns (Email/query `text`, `from`, … `body`)."""
+
+    def make(ctx, value):
+        query = search_fts_query(a_str(value), column_names)
+        return Email.pk.in_(peewee.SQL("(SELECT rowid FROM email_fts WHERE email_fts MATCH ?)",
+                                       [query]))
+
+    return make
+
+
+def search_body_text(root: MimePart) -> str:
+    """The text a reader sees: text parts decoded, HTML turned into text."""
+    text_body, html_body, _ = mime_body_lists(root)
+    pieces = []
+    for part in text_body or html_body:
+        if part.type in ("text/plain", "text/html"):
+            text, _ = mime_part_text(part)
+            pieces.append(mime_html_to_text(text) if part.type == "text/html" else text)
+    return "\n".join(pieces)[:MAX_INDEXED_BODY_CHARS]
+
+
+def _fts_values(root: MimePart, summary: dict) -> list:
+    def people(addresses):
+        return " ".join(f"{a['name'] or ''} {a['email']}" for a in addresses or [])
+
+    return [summary.get("subject") or "", people(summary.get("from")), people(summary.get("to")),
+            people(summary.get("cc")), people(summary.get("bcc")), search_body_text(root)]
+
+
+def search_index(email_pk: int, root: MimePart, summary: dict) -> None:
+    """Add an Email to the full-text index (in the storing transaction)."""
+    db.execute_sql("INSERT INTO email_fts (rowid, subject, from_, to_, cc_, bcc_, body) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", [email_pk, *_fts_values(root, summary)])
+
+
+def search_unindex(email_pk: int, root: MimePart, summary: dict) -> None:
+    """Remove an Email from the contentless index (it needs the indexed values again)."""
+    db.execute_sql("INSERT INTO email_fts (email_fts, rowid, subject, from_, to_, cc_, bcc_, "
+                   "body) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
+                   [email_pk, *_fts_values(root, summary)])
+
+
+def search_header_matches(data_dir: str, sha: str, name: str, value: str | None) -> bool:
+    """Whether a message has a header field (containing a text): the `header` filter."""
+    try:
+        with blob_open(data_dir, sha) as f:
+            block, _ = mime_split(f.read(256 * 1024))
+    except OSError:
+        return False
+    needle = value.casefold() if value else None
+    for field_name, raw in mime_header_fields(block):
+        if field_name.lower() == name.lower():
+            if needle is None or needle in mime_text(raw).casefold():
+                return True
+    return False
 
 
 # =============================================================================
