@@ -219,6 +219,15 @@ def test_email_get_header_property_names_echo_request_case(mail):
     assert email["header:FROM:asAddresses"] == [{"name": "Joe Bloggs", "email": "joe@example.com"}]
 
 
+def test_email_get_as_raw_is_the_raw_form(mail):
+    """Raw is one of the forms (§4.1.2.1), so :asRaw is allowed on any field (§4.1.3)."""
+    email = get_one(mail.client, mail.ids["38-spec-dinner"],
+                    properties=["header:Subject:asRaw", "header:From:asRaw:all",
+                                "header:Subject"])
+    assert email["header:Subject:asRaw"] == email["header:Subject"] == " Dinner on Thursday?"
+    assert email["header:From:asRaw:all"] == [" Joe Bloggs <joe@example.com>"]
+
+
 @pytest.mark.parametrize("prop", [
     "header:From:asDate",           # §4.2's own example
     "header:Subject:asAddresses",
@@ -482,3 +491,45 @@ def test_email_import_updates_mailbox_counts(client):
     import_one(client, "05-attached-message")
     assert counts() == {"totalEmails": 2, "unreadEmails": 1, "totalThreads": 2,
                         "unreadThreads": 1}
+
+
+@pytest.mark.parametrize("received_at", ["yesterday", "2024-01-01T00:00:00+01:00", 17])
+def test_email_import_bad_received_at_is_invalid_properties(client, received_at):
+    """receivedAt is a UTCDate: an RFC 3339 date-time whose offset MUST be "Z" (RFC 8620
+    §1.4)."""
+    blob = upload(client, raw("01-plain-ascii"))["blobId"]
+    emails = {"k": {"blobId": blob, "mailboxIds": {inbox_id(client): True},
+                    "receivedAt": received_at}}
+    assert invalid(not_created(client, emails), "k") in ([], ["receivedAt"])
+
+
+def test_email_import_duplicate_is_separate_or_already_exists(client):
+    """§4.8: duplicates are either refused with alreadyExists + existingId, or a new Email
+    with its own id and independent mutable properties."""
+    first = import_one(client, "28-references")
+    blob = upload(client, raw("28-references"))["blobId"]
+    resp = email_import(client, emails={"k": {"blobId": blob, "keywords": {"$seen": True},
+                                              "mailboxIds": {inbox_id(client): True}}})
+    if resp["created"] is None:
+        err = no_descriptions(resp["notCreated"]["k"])
+        assert err == {"type": "alreadyExists", "existingId": first["id"]}
+        return
+    second = resp["created"]["k"]["id"]
+    assert second != first["id"]
+    found = {e["id"]: e["keywords"]
+             for e in email_get(client, [first["id"], second], properties=["keywords"])["list"]}
+    assert found == {first["id"]: {}, second: {"$seen": True}}
+
+
+def test_email_import_into_mailbox_created_in_same_request(client):
+    """A Mailbox created earlier in the request is named by "#" + its creation id (RFC 8620
+    §5.3)."""
+    blob = upload(client, raw("01-plain-ascii"))["blobId"]
+    resp = client.request([
+        ["Mailbox/set", {"accountId": client.account_id, "create": {"box": {"name": "New"}}}, "0"],
+        ["Email/import", {"accountId": client.account_id, "emails": {
+            "k": {"blobId": blob, "mailboxIds": {"#box": True}}}}, "1"],
+    ])["methodResponses"]
+    box = resp[0][1]["created"]["box"]["id"]
+    email_id = resp[1][1]["created"]["k"]["id"]
+    assert get_one(client, email_id, properties=["mailboxIds"])["mailboxIds"] == {box: True}
