@@ -2115,9 +2115,10 @@ class TypeSpec:
       validate(ctx, values, row)    check the whole would-be object; row is None on create
       on_create / on_update(ctx, row, values)   after the row is written
       on_destroy(ctx, row, args)    before the tombstone is written (may refuse)
-      query_order(ctx, args, pks)   reorder or filter query results (e.g. sortAsTree)
+      query_order(ctx, args, rows)  reorder or winnow query rows, lazily (e.g. sortAsTree)
       check_property(name)          accept a dynamic property name (Email's header:…)
       prepare_get(ctx, args)        read the type's extra /get arguments
+      prefetch(ctx, rows, wanted)   batch what compute() needs for a /get
       destroy_order(ctx, raw_ids)   the order to destroy in (e.g. children first)
       validate_final(ctx)           check the end state of a /set (raise MethodError)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
@@ -2147,7 +2148,8 @@ class TypeSpec:
 
     def live(self, ctx: Call):
         model = self.model
-        return model.select().where((model.account_pk == ctx.account.pk) & ~model.destroyed)
+        return model.select().where(
+            (model.account_pk == ctx.account.pk) & (model.destroyed == False))  # noqa: E712
 
     def load(self, ctx: Call, raw_id) -> JmapRow | None:
         pk = pk_from_id(self.id_prefix, resolve_creation_id(ctx, raw_id) or "")
@@ -2193,8 +2195,13 @@ class TypeSpec:
     def on_destroy(self, ctx: Call, row, args: dict) -> None:
         pass
 
-    def query_order(self, ctx: Call, args: dict, pks: list) -> list:
-        return pks
+    def query_columns(self) -> tuple:
+        """Columns query_order() receives per row; the key comes first."""
+        return (self.model.pk,)
+
+    def query_order(self, ctx: Call, args: dict, rows):
+        """Reorder or winnow query rows (tuples of query_columns); yield keys."""
+        return (row[0] for row in rows)
 
     def check_property(self, name: str) -> bool:
         """Accept a property name beyond `props` (e.g. `header:…`); may raise MethodError."""
@@ -2202,6 +2209,9 @@ class TypeSpec:
 
     def prepare_get(self, ctx: Call, args: dict) -> None:
         pass
+
+    def prefetch(self, ctx: Call, rows: list, wanted: list) -> None:
+        """Load what computed properties of many rows need, in few queries."""
 
     def destroy_order(self, ctx: Call, raw_ids: list) -> list:
         return raw_ids
@@ -2247,6 +2257,7 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
         rows = list(spec.live(ctx).order_by(spec.model.pk).limit(ctx.limits.max_objects_in_get + 1))
         if len(rows) > ctx.limits.max_objects_in_get:
             raise MethodError("requestTooLarge", "more objects than maxObjectsInGet")
+        spec.prefetch(ctx, rows, wanted)
         return {
             "accountId": ctx.account.id,
             "state": state,
@@ -2256,13 +2267,13 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     ids = list(dict.fromkeys(args["ids"]))  # RFC 8620 §5.1: duplicates answered once
     if len(ids) > ctx.limits.max_objects_in_get:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
-    found, not_found = [], []
-    for raw_id in ids:
-        row = spec.load(ctx, raw_id)
-        if row is None:
-            not_found.append(raw_id)
-        else:
-            found.append(spec.to_json(ctx, row, wanted))
+    wanted_pks = {raw_id: pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+                  for raw_id in ids}
+    pks = [pk for pk in wanted_pks.values() if pk is not None]
+    rows = {row.pk: row for row in spec.live(ctx).where(spec.model.pk.in_(pks))} if pks else {}
+    spec.prefetch(ctx, list(rows.values()), wanted)
+    found = [spec.to_json(ctx, rows[wanted_pks[i]], wanted) for i in ids if wanted_pks[i] in rows]
+    not_found = [i for i in ids if wanted_pks[i] not in rows]
     return {"accountId": ctx.account.id, "state": state, "list": found, "notFound": not_found}
 
 
@@ -2776,47 +2787,62 @@ def a_sort_list(value):
 
 
 def method_query(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
-    """Search, sort and window the objects of a type (RFC 8620 §5.5)."""
+    """Search, sort and window the objects of a type (RFC 8620 §5.5).
+
+    Results are read lazily in sort order: a first page with no total, anchor or
+    negative position stops reading after position + limit rows.
+    """
     args = take_args(raw_args, {**QUERY_ARGS, **spec.query_args})
-    pks = query_results(spec, ctx, args)
-    ids = [spec.id_of(pk) for pk in pks]
-    if args["anchor"] is not None:
-        anchor = resolve_creation_id(ctx, args["anchor"])
-        if anchor not in ids:
-            raise MethodError("anchorNotFound")
-        position = max(0, ids.index(anchor) + args["anchorOffset"])
-    else:
-        position = args["position"]
-        if position < 0:
-            position = max(0, len(ids) + position)
     limit = args["limit"]
     clamped = limit is None or limit > MAX_QUERY_LIMIT
     if clamped:
         limit = MAX_QUERY_LIMIT
+    results = query_results(spec, ctx, args)
+    whole = args["anchor"] is not None or args["position"] < 0 or args["calculateTotal"]
+    if whole:
+        pks = list(results)
+        position = _query_position(spec, ctx, args, pks)
+        page, more = pks[position: position + limit], len(pks) > position + limit
+    else:
+        position = args["position"]
+        page = list(itertools.islice(results, position, position + limit + 1))
+        more = len(page) > limit
+        page = page[:limit]
     response = {
         "accountId": ctx.account.id,
         "queryState": spec.state(ctx),
         "canCalculateChanges": spec.can_calculate_changes(args),
         "position": position,
-        "ids": ids[position : position + limit],
+        "ids": [spec.id_of(pk) for pk in page],
     }
     if args["calculateTotal"]:
-        response["total"] = len(ids)
-    if clamped and (args["limit"] is not None or len(ids) - position > limit):
+        response["total"] = len(pks)
+    if clamped and (args["limit"] is not None or more):
         response["limit"] = limit  # RFC 8620 §5.5: only when the server set a limit
     return response
 
 
-def query_results(spec: TypeSpec, ctx: Call, args: dict) -> list[int]:
-    """Return the keys of every matching object, in sort order."""
+def _query_position(spec: TypeSpec, ctx: Call, args: dict, pks: list) -> int:
+    if args["anchor"] is None:
+        position = args["position"]
+        return max(0, len(pks) + position) if position < 0 else position
+    anchor = pk_from_id(spec.id_prefix, resolve_creation_id(ctx, args["anchor"]) or "")
+    try:
+        index = pks.index(anchor)
+    except ValueError:
+        raise MethodError("anchorNotFound") from None
+    return max(0, index + args["anchorOffset"])
+
+
+def query_results(spec: TypeSpec, ctx: Call, args: dict):
+    """Yield the keys of every matching object, in sort order, as SQLite reads them."""
     model = spec.model
-    where = (model.account_pk == ctx.account.pk) & ~model.destroyed
+    where = (model.account_pk == ctx.account.pk) & (model.destroyed == False)  # noqa: E712
     if args["filter"] is not None:
         where &= filter_expression(spec, ctx, args["filter"], 0)
     order = sort_order(spec, args["sort"] or [])
-    query = model.select(model.pk).where(where).order_by(*order, model.pk)
-    pks = [pk for (pk,) in query.tuples()]
-    return spec.query_order(ctx, args, pks)
+    query = model.select(*spec.query_columns()).where(where).order_by(*order, model.pk)
+    return spec.query_order(ctx, args, query.tuples().iterator())
 
 
 def filter_expression(spec: TypeSpec, ctx: Call, raw_filter: dict, depth: int):
@@ -2887,7 +2913,7 @@ def method_query_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     since = _since_modseq(spec, ctx, args["sinceQueryState"])
     if not spec.can_calculate_changes(args):
         raise MethodError("cannotCalculateChanges", "this query cannot report changes")
-    pks = query_results(spec, ctx, args)
+    pks = list(query_results(spec, ctx, args))
     changed = spec.query_changed(ctx, args, since)
     removed = [spec.id_of(pk) for pk, created in sorted(changed.items()) if created <= since]
     added = [
@@ -3998,7 +4024,8 @@ class MailboxType(TypeSpec):
 
         return sorted(raw_ids, key=depth)
 
-    def query_order(self, ctx, args, pks):
+    def query_order(self, ctx, args, rows):
+        pks = [row[0] for row in rows]
         if not (args.get("sortAsTree") or args.get("filterAsTree")):
             return pks
         parents = dict(
@@ -4165,10 +4192,20 @@ def _all_in_thread(keyword: str):
     return ~peewee.fn.EXISTS(missing)
 
 
+def _first_of_each_thread(rows):
+    seen = set()
+    for pk, thread_pk in rows:
+        if thread_pk not in seen:
+            seen.add(thread_pk)
+            yield pk
+
+
 def _filter_in_mailbox(ctx, value):
+    # EXISTS, not IN: SQLite checks each row as it walks the received_at index, so a
+    # first page of a large Mailbox reads only that page.
     pk = pk_from_id("M", resolve_creation_id(ctx, a_id(value)))
-    return Email.pk.in_(EmailMailbox.select(EmailMailbox.email_pk)
-                        .where(EmailMailbox.mailbox_pk == (pk or -1)))
+    return peewee.fn.EXISTS(EmailMailbox.select(peewee.SQL("1")).where(
+        (EmailMailbox.mailbox_pk == (pk or -1)) & (EmailMailbox.email_pk == Email.pk)))
 
 
 def _filter_in_mailbox_other_than(ctx, value):
@@ -4305,10 +4342,15 @@ class EmailType(TypeSpec):
         if name == "threadId":
             return id_for("T", row.thread_pk)
         if name == "mailboxIds":
-            return {id_for("M", pk): True for pk in email_mailbox_pks(row.pk)}
+            pks = row.__dict__.get("_mailboxes")
+            if pks is None:
+                pks = email_mailbox_pks(row.pk)
+            return {id_for("M", pk): True for pk in pks}
         if name == "keywords":
             return json.loads(row.keywords)
-        summary = json.loads(row.summary)
+        summary = row.__dict__.get("_summary")
+        if summary is None:
+            summary = row.__dict__["_summary"] = json.loads(row.summary)
         if name in summary:
             return summary[name]
         root = self._parsed(ctx, row)
@@ -4325,18 +4367,25 @@ class EmailType(TypeSpec):
         chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
         return [mime_part_json(part, blob_base, ctx.body_properties) for part in chosen]
 
-    def query_order(self, ctx, args, pks):
+    def prefetch(self, ctx, rows, wanted):
+        if "mailboxIds" not in wanted or not rows:
+            return
+        by_pk = {row.pk: row for row in rows}
+        for row in rows:
+            row.__dict__["_mailboxes"] = []
+        members = EmailMailbox.select(EmailMailbox.email_pk, EmailMailbox.mailbox_pk).where(
+            EmailMailbox.email_pk.in_(list(by_pk))).order_by(EmailMailbox.mailbox_pk)
+        for email_pk, mailbox_pk in members.tuples():
+            by_pk[email_pk].__dict__["_mailboxes"].append(mailbox_pk)
+
+    def query_columns(self):
+        return (Email.pk, Email.thread_pk)
+
+    def query_order(self, ctx, args, rows):
         """collapseThreads: keep the first Email of each thread (RFC 8621 §4.4.3)."""
-        if not args.get("collapseThreads") or not pks:
-            return pks
-        threads = dict(Email.select(Email.pk, Email.thread_pk).where(
-            (Email.account_pk == ctx.account.pk) & ~Email.destroyed).tuples())
-        seen, out = set(), []
-        for pk in pks:
-            if threads[pk] not in seen:
-                seen.add(threads[pk])
-                out.append(pk)
-        return out
+        if not args.get("collapseThreads"):
+            return (pk for pk, _ in rows)
+        return _first_of_each_thread(rows)
 
     def query_changed(self, ctx, args, since):
         """With collapsed threads or thread-wide keywords, a change to one Email can move

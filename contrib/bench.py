@@ -206,8 +206,99 @@ def bench_store(args):
     print(f"store_peak_rss: {proc_status(os.getpid(), 'VmHWM') / 1024:.1f} MiB")
 
 
+def build_mailbox(data_dir: str, count: int, rng) -> float:
+    """Fill a new account's Inbox with `count` messages in realistic threads; return msgs/s."""
+    sys.path.insert(0, str(ROOT))
+    import jmapd
+
+    jmapd.db_open(data_dir, create=True)
+    auth = jmapd.Authenticator(False, jmapd.Clock())
+    account = jmapd.account_create(auth, USER, PASSWORD, time.time())
+    inbox = jmapd.Mailbox.get((jmapd.Mailbox.account_pk == account.pk)
+                              & (jmapd.Mailbox.role == "inbox")).pk
+    started, batch, stored = time.perf_counter(), [], 0
+    base = time.time() - count * 600
+    for n in range(count):
+        raw = synthetic_message(n, rng)
+        if n > 10 and rng.random() < 0.35:  # a reply in an earlier conversation
+            parent = rng.randrange(max(0, n - 2000), n)
+            raw = raw.replace(b"Subject: ", b"Subject: Re: ", 1).replace(
+                b"MIME-Version", f"In-Reply-To: <m{parent}@example.com>\r\n"
+                f"References: <m{parent}@example.com>\r\nMIME-Version".encode(), 1)
+            raw = raw.replace(b"Subject: Re: =?UTF-8?Q?Message_" + str(n).encode(),
+                              b"Subject: Re: =?UTF-8?Q?Message_" + str(parent).encode(), 1)
+        batch.append(raw)
+        if len(batch) == 500 or n == count - 1:
+            keywords = {"$seen": True} if rng.random() < 0.7 else {}
+            jmapd.deliver_message(data_dir, account.pk, batch, [inbox], keywords,
+                                  base + n * 600)
+            stored += len(batch)
+            batch = []
+    rate = stored / (time.perf_counter() - started)
+    jmapd.db.close()
+    return rate
+
+
+def _timed(http, url, body, runs):
+    latencies = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        response = http.post(url, json=body, timeout=60)
+        latencies.append((time.perf_counter() - started) * 1000)
+        assert response.status_code == 200 and "error" not in response.text[:200], response.text
+    latencies.sort()
+    return statistics.median(latencies), latencies[int(len(latencies) * 0.95)]
+
+
+def bench_mailbox(args):
+    """A realistic mailbox of N messages: store rate, list view, search latency, RSS."""
+    import random
+
+    rng = random.Random(7)
+    tmp = tempfile.TemporaryDirectory(prefix="jmapd-bench-")
+    data_dir = str(Path(tmp.name) / "data")
+    rate = build_mailbox(data_dir, args.mailbox, rng)
+    print(f"mailbox_messages: {args.mailbox}")
+    print(f"mailbox_store_rate: {rate:.0f} messages/s (batches of 500)")
+    server = Jmapd.__new__(Jmapd)
+    server.tmp, server.data_dir = tmp, Path(data_dir)
+    server.log = open(Path(tmp.name) / "serve.log", "w+")
+    server.started = time.monotonic()
+    server.proc = subprocess.Popen(
+        [sys.executable, str(JMAPD), "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
+        stdout=server.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server.url = server._wait_listening()
+    server.http = requests.Session()
+    server.http.auth = (USER, PASSWORD)
+    session = server.http.get(server.url + "/jmap/session", timeout=30).json()
+    api, account = session["apiUrl"], session["primaryAccounts"][MAIL]
+    inbox = next(m["id"] for m in server.http.post(api, json={
+        "using": [CORE, MAIL], "methodCalls": [["Mailbox/get", {"accountId": account}, "0"]]
+    }).json()["methodResponses"][0][1]["list"] if m["role"] == "inbox")
+    time.sleep(1)
+    print(f"server_rss_idle_after_open: {proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
+    listing = {"using": [CORE, MAIL], "methodCalls": [
+        ["Email/query", {"accountId": account, "filter": {"inMailbox": inbox},
+                         "sort": [{"property": "receivedAt", "isAscending": False}],
+                         "collapseThreads": True, "limit": 50}, "q"],
+        ["Email/get", {"accountId": account, "#ids": {"resultOf": "q", "name": "Email/query",
+                                                       "path": "/ids"},
+                       "properties": ["threadId", "mailboxIds", "keywords", "from", "subject",
+                                      "receivedAt", "preview", "hasAttachment", "size"]}, "g"]]}
+    median, p95 = _timed(server.http, api, listing, args.requests)
+    print(f"list_view_median: {median:.2f} ms  p95: {p95:.2f} ms")
+    search = {"using": [CORE, MAIL], "methodCalls": [
+        ["Email/query", {"accountId": account, "filter": {"text": "invoice"},
+                         "sort": [{"property": "receivedAt", "isAscending": False}],
+                         "limit": 50}, "s"]]}
+    median, p95 = _timed(server.http, api, search, max(20, args.requests // 5))
+    print(f"search_median: {median:.2f} ms  p95: {p95:.2f} ms")
+    print(f"server_rss_after: {proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
+    server.stop()
+
+
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
-              "upload": bench_upload, "store": bench_store}
+              "upload": bench_upload, "store": bench_store, "mailbox": bench_mailbox}
 
 
 def main():
@@ -218,6 +309,7 @@ def main():
     parser.add_argument("--requests", type=int, default=500, help="requests per latency run")
     parser.add_argument("--upload-mb", type=int, default=100, help="upload size in MiB")
     parser.add_argument("--messages", type=int, default=10_000, help="messages to store")
+    parser.add_argument("--mailbox", type=int, default=100_000, help="messages in the mailbox")
     args = parser.parse_args()
     for name in args.names or BENCHMARKS:
         BENCHMARKS[name](args)
