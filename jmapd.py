@@ -3162,7 +3162,7 @@ def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
     counter = counter if counter is not None else {"parts": 0, "leaves": 0}
     block, body = mime_split(raw)
     headers = mime_header_fields(block)
-    params = email.message_from_bytes(block + b"\r\n\r\n", policy=email.policy.compat32)
+    params = email.message_from_string(_mime_param_block(headers), policy=email.policy.compat32)
     part = MimePart(headers, body, params)
     part.type = _mime_type(part, default_type)
     counter["parts"] += 1
@@ -3182,12 +3182,45 @@ def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
     return part
 
 
+def mime_strip_comments(value: str) -> str:
+    """Remove RFC 5322 comments (nested, with quoted-pairs) outside quoted strings."""
+    out, depth, quoted, i = [], 0, False, 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and (quoted or depth) and i + 1 < len(value):
+            if not depth:
+                out.append(value[i: i + 2])
+            i += 2
+            continue
+        if ch == '"' and not depth:
+            quoted = not quoted
+        elif ch == "(" and not quoted:
+            depth += 1
+            out.append(" ") if depth == 1 else None
+        elif ch == ")" and depth:
+            depth -= 1
+            i += 1
+            continue
+        if not depth:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _mime_param_block(headers: list) -> str:
+    """The Content-Type and Content-Disposition fields, comments removed (RFC 2045 §5.1),
+    for the email package to read parameters (RFC 2231 included) from."""
+    lines = [f"{name}: {mime_strip_comments(_unfold(value))}" for name, value in headers
+             if name.lower() in ("content-type", "content-disposition")]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
 def _mime_type(part: MimePart, default_type: str) -> str:
     """The part's media type, lower case, without parameters (RFC 8621 §4.1.4 `type`)."""
     value = part.header("content-type")
     if value is None:
         return default_type
-    media = re.sub(r"\s+", "", _strip_params(value)).lower()
+    media = re.sub(r"\s+", "", mime_strip_comments(_unfold(value)).split(";")[0]).lower()
     if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", media):
         return "text/plain"  # RFC 2045 §5.2: a malformed Content-Type means text/plain
     return media
@@ -3232,7 +3265,8 @@ def mime_decoded(part: MimePart) -> bytes:
     import binascii  # lazy: mail reading only
     import quopri
 
-    encoding = (part.header("content-transfer-encoding") or "7bit").strip().lower()
+    encoding = mime_strip_comments(_unfold(part.header("content-transfer-encoding") or "7bit"))
+    encoding = encoding.strip().lower()
     body = part.body
     if encoding == "base64":
         cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", body)
@@ -3515,8 +3549,8 @@ def mime_date(raw: str) -> str | None:
 
     text = re.sub(r"\([^()]*\)", " ", _unfold(raw)).strip()
     parsed = parsedate_tz(text) if text else None
-    if not parsed:
-        return None
+    if not parsed or not re.search(r"\d:\d\d(?::\d\d)?\s*(?:[+-]\d{4}|[A-Za-z]{1,5})\b", text):
+        return None  # RFC 5322 §3.3: the zone is not optional (parsedate_tz assumes UTC)
     offset = parsed[9] or 0
     try:
         moment = datetime(*parsed[:6])
@@ -3584,8 +3618,9 @@ def _part_property(part: MimePart, blob_base: str, name: str, wanted: list):
         text = re.sub(r"\([^()]*\)", " ", _unfold(value)) if value else ""
         return [v for v in re.split(r"[\s,]+", text) if v] or None if value else None
     if name == "location":
-        value = part.header("content-location")
-        return re.sub(r"\s+", "", _unfold(value)) if value is not None else None
+        value = part.header("content-location")  # RFC 2557 §4.1: [CFWS] URI [CFWS]
+        return re.sub(r"\s+", "", mime_strip_comments(_unfold(value))) if value is not None \
+            else None
     if name == "subParts":
         if not multipart:
             return None

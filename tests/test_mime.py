@@ -52,32 +52,7 @@ CASE_INSENSITIVE = {"type", "charset", "disposition"}
 
 # Where jmapd is wrong by the RFCs: test id -> reason (see the module docstring of each
 # expectation's "notes"). A fix makes the test XPASS, which fails: then delete the entry.
-_COMMENT_CT = ("RFC 2045 §1/§5.1: a comment after the charset parameter is part of the "
-               "charset value ('iso-8859-1 (latin 1)', body decoded as unknown charset)")
-_COMMENT_BOUNDARY = ("RFC 2045 §5.1: the comment after boundary=simple42 is taken into the "
-                     "boundary, so the multipart has no subParts")
-_COMMENT_CTE = ("RFC 2045 §1: 'quoted-printable (soft line breaks)' is treated as an unknown "
-                "transfer encoding (blob and value left encoded, isEncodingProblem true)")
-KNOWN_BUGS = {
-    "test_mime_property[49-header-edges::header:X-No-Zone:asDate]":
-        "RFC 5322 §3.3: a date-time without a zone does not parse, so asDate is null "
-        "(RFC 8621 §4.1.2.6); jmapd assumes UTC",
-    **{f"test_mime_{kind}[41-content-type-comment]": _COMMENT_CT for kind in (
-        "preview", "body_structure", "body_values_all", "body_values_text",
-        "body_values_html")},
-    **{f"test_mime_{kind}[42-boundary-comment]": _COMMENT_BOUNDARY for kind in (
-        "preview", "body_structure", "part_ids", "part_blobs", "text_body", "html_body",
-        "attachments", "body_values_all", "body_values_text", "body_values_html")},
-    **{f"test_mime_{kind}[43-cte-comment]": _COMMENT_CTE for kind in (
-        "preview", "body_structure", "part_blobs", "body_values_all", "body_values_text",
-        "body_values_html")},
-    "test_mime_body_structure[44-charset-after-comment]":
-        "RFC 2045 §5.1: a comment before the charset parameter loses the parameter "
-        "(charset 'us-ascii' instead of 'utf-8')",
-    "test_mime_body_structure[45-part-header-cfws]":
-        "RFC 2557 §4.1: Content-Location = [CFWS] URI [CFWS]; jmapd keeps the comments "
-        "('(page)http://example.com/page.html(end)')",
-}
+KNOWN_BUGS = {}  # test id -> reason, for jmapd bugs found and not yet fixed (strict xfail)
 
 
 # ---- matching with placeholders ----
