@@ -1248,9 +1248,33 @@ def blob_store_stream(data_dir: str, source, max_bytes: int) -> tuple[str, int]:
 
 def blob_store_bytes(data_dir: str, data: bytes) -> tuple[str, int]:
     """Store bytes held in memory (small blobs: messages, generated parts)."""
-    import io  # lazy: only the in-memory path needs it
+    return blob_store_many(data_dir, [data])[0]
 
-    return blob_store_stream(data_dir, io.BytesIO(data), len(data))
+
+def blob_store_many(data_dir: str, datas: list[bytes]) -> list[tuple[str, int]]:
+    """Store several in-memory blobs durably; each directory is fsynced once at the end."""
+    stored, folders = [], set()
+    for data in datas:
+        sha = hashlib.sha256(data).hexdigest()
+        stored.append((sha, len(data)))
+        final = blob_path(data_dir, sha)
+        if os.path.exists(final):
+            os.utime(final)  # fresh again: the orphan purge spares recent files
+            continue
+        fd, tmp = _blob_tempfile(data_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            folders.add(_blob_folder(data_dir, sha))
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for folder in folders:
+        _fsync_dir(folder)
+    return stored
 
 
 def _blob_tempfile(data_dir: str) -> tuple[int, str]:
@@ -1261,13 +1285,20 @@ def _blob_tempfile(data_dir: str) -> tuple[int, str]:
 def _blob_install(data_dir: str, tmp: str, sha: str) -> None:
     final = blob_path(data_dir, sha)
     if os.path.exists(final):
-        return  # same content already stored: content addressing dedupes
-    folder = os.path.dirname(final)
+        os.utime(final)  # same content already stored: content addressing dedupes
+        return
+    folder = _blob_folder(data_dir, sha)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+
+
+def _blob_folder(data_dir: str, sha: str) -> str:
+    """The blob's directory, made (and its parent fsynced) if it is new."""
+    folder = os.path.dirname(blob_path(data_dir, sha))
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o750, exist_ok=True)
         _fsync_dir(os.path.dirname(folder))
-    os.replace(tmp, final)
-    _fsync_dir(folder)
+    return folder
 
 
 def blob_add_ref(account_pk: int, sha256: str, size: int, kind: str, now: float,
@@ -1314,8 +1345,10 @@ def blob_purge(data_dir: str, now: float) -> tuple[int, int]:
         ]
         Blob.delete().where(Blob.sha256.in_(orphans)).execute()
     for sha in orphans:
+        path = blob_path(data_dir, sha)
         try:
-            os.unlink(blob_path(data_dir, sha))
+            if os.stat(path).st_mtime < time.time() - ORPHAN_GRACE_SECONDS:
+                os.unlink(path)  # a file stored again meanwhile has a fresh mtime: kept
         except FileNotFoundError:
             pass
     return refs, len(orphans)
@@ -2119,6 +2152,7 @@ class TypeSpec:
       check_property(name)          accept a dynamic property name (Email's header:…)
       prepare_get(ctx, args)        read the type's extra /get arguments
       prefetch(ctx, rows, wanted)   batch what compute() needs for a /get
+      update_base(patch)            properties an update reads (Email: not its body)
       destroy_order(ctx, raw_ids)   the order to destroy in (e.g. children first)
       validate_final(ctx)           check the end state of a /set (raise MethodError)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
@@ -2212,6 +2246,10 @@ class TypeSpec:
 
     def prefetch(self, ctx: Call, rows: list, wanted: list) -> None:
         """Load what computed properties of many rows need, in few queries."""
+
+    def update_base(self, patch: dict) -> list:
+        """The properties an update patches and compares against (default: all)."""
+        return list(self.props)
 
     def destroy_order(self, ctx: Call, raw_ids: list) -> list:
         return raw_ids
@@ -2535,7 +2573,8 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
         raise SetError("willDestroy", "the record is destroyed in the same call")
     if not isinstance(patch, dict):
         raise SetError("invalidPatch", "a PatchObject must be an object")
-    current = spec.to_json(ctx, row, list(spec.props))
+    base = spec.update_base(patch)
+    current = spec.to_json(ctx, row, base)
     patched = apply_patch(spec, current, patch)
     bad = [name for name in current if name not in patched]  # a required property removed
     changed = {}
@@ -2562,7 +2601,7 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
         setattr(row, column, value)
     record_change(ctx.changes, spec.name, row, "updated")
     spec.on_update(ctx, row, changed)
-    stored = spec.to_json(ctx, row, list(spec.props))
+    stored = spec.to_json(ctx, row, base)
     sent = _as_sent(spec, patched, changed)
     extra = {  # what changed other than as the client asked (RFC 8620 §5.3 "updated")
         name: value
@@ -4325,7 +4364,7 @@ class EmailType(TypeSpec):
     """Email (RFC 8621 §4). Only mailboxIds and keywords are mutable."""
 
     name, capability, model, id_prefix = "Email", CAP_MAIL, Email, "e"
-    methods = ("get", "changes", "query", "queryChanges")
+    methods = ("get", "changes", "set", "query", "queryChanges")
     filters = EMAIL_FILTERS
     sorts = EMAIL_SORTS
     query_args = {"collapseThreads": (a_bool, False)}
@@ -4394,13 +4433,63 @@ class EmailType(TypeSpec):
         if name.startswith("header:"):
             return mime_header_property(root.headers, name)
         blob_base = f"P{row.blob_sha256}"
+        body_properties = getattr(ctx, "body_properties", DEFAULT_BODY_PROPERTIES)
         if name == "bodyStructure":
-            return mime_part_json(root, blob_base, ctx.body_properties)
+            return mime_part_json(root, blob_base, body_properties)
         text_body, html_body, attachments = mime_body_lists(root)
         if name == "bodyValues":
-            return email_body_values(root, text_body, html_body, ctx.get_args)
+            return email_body_values(root, text_body, html_body, getattr(ctx, "get_args", {}))
         chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
-        return [mime_part_json(part, blob_base, ctx.body_properties) for part in chosen]
+        return [mime_part_json(part, blob_base, body_properties) for part in chosen]
+
+    def validate(self, ctx, values, row):
+        """mailboxIds and keywords (RFC 8621 §4.6); creating Emails is Email/import's job."""
+        if row is None:
+            # TODO(RFC 8621 §4.6): Email/set create from a JMAP structure (mail-write issue).
+            raise SetError("forbidden", "Email/set create is not available yet: use Email/import")
+        if email_mailbox_arg(ctx, values["mailboxIds"]) is None:
+            raise invalid_properties(["mailboxIds"], "at least one existing Mailbox, each true")
+        try:
+            _keywords(values["keywords"])
+        except ValueError as exc:
+            raise invalid_properties(["keywords"], str(exc)) from exc
+
+    def update_base(self, patch):
+        # Only mailboxIds and keywords change; other properties a client sends along
+        # are compared with their stored values (RFC 8620 §5.3), the body never parsed.
+        sent = {key.split("/")[0] for key in patch}
+        return ["id", "mailboxIds", "keywords"] + sorted(sent & set(self.props) - {
+            "id", "mailboxIds", "keywords"})
+
+    def on_update(self, ctx, row, changed):
+        """Write new mailboxIds/keywords; recount the thread's Mailboxes."""
+        before = thread_counts(row.thread_pk)
+        if "mailboxIds" in changed:
+            EmailMailbox.delete().where(EmailMailbox.email_pk == row.pk).execute()
+            pks = sorted(set(email_mailbox_arg(ctx, changed["mailboxIds"])))
+            EmailMailbox.insert_many([(row.pk, pk) for pk in pks],
+                                     fields=[EmailMailbox.email_pk, EmailMailbox.mailbox_pk]
+                                     ).execute()
+        if "keywords" in changed:
+            keywords = _keywords(changed["keywords"])
+            Email.update(keywords=json_dumps(keywords), unread=email_is_unread(keywords)).where(
+                Email.pk == row.pk).execute()
+            EmailKeyword.delete().where(EmailKeyword.email_pk == row.pk).execute()
+            EmailKeyword.insert_many([(k, row.pk, row.thread_pk) for k in keywords],
+                                     fields=[EmailKeyword.keyword, EmailKeyword.email_pk,
+                                             EmailKeyword.thread_pk]).execute()
+            row.keywords = json_dumps(keywords)
+        row.__dict__.pop("_mailboxes", None)
+        mailbox_apply_counts(ctx.changes, before, thread_counts(row.thread_pk))
+        email_thread_changed(ctx.changes, row)  # thread-wide keyword queries move
+
+    def on_destroy(self, ctx, row, args):
+        before = thread_counts(row.thread_pk)
+        email_detach(ctx.changes, row)
+        row.destroyed = True  # so the thread's counts and liveness see it gone
+        Email.update(destroyed=True).where(Email.pk == row.pk).execute()
+        mailbox_apply_counts(ctx.changes, before, thread_counts(row.thread_pk))
+        email_thread_changed(ctx.changes, row)
 
     def prefetch(self, ctx, rows, wanted):
         if "mailboxIds" not in wanted or not rows:
@@ -4602,15 +4691,29 @@ def email_remove_from_mailbox(changes: ChangeLog, row: Email, mailbox_pk: int) -
 
 def email_destroy(changes: ChangeLog, row: Email) -> None:
     """Destroy an Email: tombstone, membership and blob reference gone, thread updated."""
-    with blob_open(db_data_dir(), row.blob_sha256) as f:
-        root = mime_email(f.read())
-    search_unindex(row.pk, root, json.loads(row.summary))
+    email_detach(changes, row)
+    record_change(changes, "Email", row, "destroyed")
+    email_thread_changed(changes, row)
+
+
+def email_detach(changes: ChangeLog, row: Email) -> None:
+    """Everything but the tombstone of destroying an Email (RFC 8621 §4.6 destroy)."""
+    try:
+        with blob_open(db_data_dir(), row.blob_sha256) as f:
+            root = mime_email(f.read())
+        search_unindex(row.pk, root, json.loads(row.summary))
+    except OSError as exc:  # a missing blob must not keep the Email alive
+        log.error("Email %s: blob unreadable (%s); search index entry left", row.pk, exc)
     EmailMailbox.delete().where(EmailMailbox.email_pk == row.pk).execute()
     EmailKeyword.delete().where(EmailKeyword.email_pk == row.pk).execute()
     BlobRef.delete().where((BlobRef.kind == "email") & (BlobRef.owner_pk == row.pk)).execute()
-    record_change(changes, "Email", row, "destroyed")
+
+
+def email_thread_changed(changes: ChangeLog, row: Email) -> None:
+    """Log the Email's thread as updated (its emailIds or keywords changed) or destroyed."""
     thread = Thread.get_by_id(row.thread_pk)
-    alive = Email.select().where((Email.thread_pk == thread.pk) & ~Email.destroyed).exists()
+    alive = Email.select().where(
+        (Email.thread_pk == thread.pk) & (Email.destroyed == False)).exists()  # noqa: E712
     record_change(changes, "Thread", thread, "updated" if alive else "destroyed")
 
 
@@ -4915,7 +5018,7 @@ def search_header_matches(data_dir: str, sha: str, name: str, value: str | None)
 def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_pks: list,
                     keywords: dict, now: float) -> list[Email]:
     """Store messages in an account's Mailboxes and commit; return the new Emails."""
-    stored = [blob_store_bytes(data_dir, raw) for raw in raws]  # fsynced before any row
+    stored = blob_store_many(data_dir, raws)  # durable before any row names them
     changes = ChangeLog(account_pk, now)
     with db.atomic("IMMEDIATE"):
         rows = [email_store(changes, account_pk, sha, raw, mailbox_pks, keywords, None, now)

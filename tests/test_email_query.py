@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from test_generic import Var, expect, jmapd_bug
+from test_generic import Var, expect
 from test_thread import at, message, new_account, unique
 
 # name: (message() arguments, Mailbox roles, keywords, receivedAt, base subject, sentAt UTC)
@@ -721,6 +721,11 @@ QUERIES = {
     "flagged-threads-first-collapsed": lambda live: dict(sort=[
         {"property": "someInThreadHaveKeyword", "keyword": "$flagged", "isAscending": False},
         {"property": "receivedAt", "isAscending": False}], collapseThreads=True),
+    "all-seen-threads-first": lambda live: dict(sort=[
+        {"property": "allInThreadHaveKeyword", "keyword": "$seen", "isAscending": False},
+        {"property": "receivedAt"}]),
+    "subject-topic-oldest": lambda live: dict(filter={"subject": "topic"},
+                                              sort=[{"property": "receivedAt"}]),
     "all-seen-threads": lambda live: dict(filter={"allInThreadHaveKeyword": "$seen"},
                                           sort=NEWEST_FIRST),
     "no-flagged-threads-collapsed": lambda live: dict(

@@ -195,6 +195,21 @@ def test_thread_reply_with_references_joins(acct, reply_subject):
     assert acct.thread(parent["threadId"]) == [parent["id"], reply["id"]]
 
 
+@pytest.mark.parametrize("parent_subject, reply_subject", [
+    ("=?UTF-8?Q?Caf=C3=A9_{}?=", "Re: Caf\u00e9 {}"),  # RFC 2047 decoded before comparing
+    ("Long\r\n subject {}", "Re: Long subject {}"),  # folded
+    ("Long\tsubject {}", "Re: Long  subject {}"),  # white space ignored (§3)
+    ("Hello {}", "Re: [ext] Fwd: [list] hello {}"),
+])
+def test_thread_subject_forms_join(acct, parent_subject, reply_subject):
+    token = unique("s")
+    parent_id = unique() + "@test.example"
+    parent = acct.add(message(parent_subject.format(token), msgid=parent_id), received=at(1))
+    reply = acct.add(message(reply_subject.format(token), in_reply_to=parent_id,
+                             references=[parent_id]), received=at(2))
+    assert reply["threadId"] == parent["threadId"]
+
+
 def test_thread_in_reply_to_alone_joins(acct):
     parent, reply = parent_and(acct, "Re: {}", refs=False)
     assert reply["threadId"] == parent["threadId"]
