@@ -3789,11 +3789,19 @@ def mime_truncate(text: str, max_octets: int, is_html: bool) -> tuple[str, bool]
     return cut, True
 
 
+def _html_tag_text(match) -> str:
+    """The alt and title texts of a tag, which readers see (RFC 8621 §4.4.1)."""
+    found = re.findall(r"""(?is)\b(?:alt|title)\s*=\s*(?:"([^"]*)"|'([^']*)')""", match.group(0))
+    return " " + " ".join(a or b for a, b in found) + " "
+
+
 def mime_html_to_text(html: str) -> str:
     """Plain text from HTML, for previews and search: tags out, entities decoded."""
     import html as html_lib  # lazy: mail reading only
 
     text = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>", " ", html)
+    # RFC 8621 §4.4.1: alt and title are shown to readers, so they count as text
+    text = re.sub(r"(?is)<[a-z][^>]*>", _html_tag_text, text)
     text = re.sub(r"(?i)<br\s*/?>|</p\s*>|</div\s*>|</li\s*>|</tr\s*>", "\n", text)
     text = re.sub(r"(?s)<!--.*?-->|<[^>]*>", " ", text)
     return html_lib.unescape(text)
@@ -4832,6 +4840,7 @@ def blob_read_as(data_dir: str, account_pk: int, user_pk: int, raw_blob_id: str,
 # =============================================================================
 
 SNIPPET_CHARS = 200
+SNIPPET_MAX_OCTETS = 255  # RFC 8621 §5: the preview MUST NOT be bigger than 255 octets
 SNIPPET_ARGS = {
     "accountId": (a_id, REQUIRED),
     "filter": (nullable(a_obj), None),
@@ -4858,12 +4867,13 @@ def search_snippet_get(ctx: Call, raw_args: dict) -> dict:
         summary = json.loads(row.summary)
         body = search_body_text(spec._parsed(ctx, row))
         found.append({"emailId": raw_id, "subject": search_mark(summary["subject"], terms),
-                      "preview": search_mark(search_excerpt(body, terms), terms)})
-    return {"accountId": ctx.account.id, "list": found, "notFound": not_found}
+                      "preview": search_preview(body, terms)})
+    # RFC 8621 §5.1: notFound is null when every id was found
+    return {"accountId": ctx.account.id, "list": found, "notFound": not_found or None}
 
 
 def search_terms(raw_filter) -> list[str]:
-    """The words and phrases of every text condition in a filter, casefolded."""
+    """The words and phrases of every text condition in a filter, folded for matching."""
     if not isinstance(raw_filter, dict):
         return []
     if isinstance(raw_filter.get("conditions"), list) and raw_filter.get("operator") != "NOT":
@@ -4871,35 +4881,76 @@ def search_terms(raw_filter) -> list[str]:
     terms = []
     for key in ("text", "subject", "body", "from", "to", "cc", "bcc"):
         if isinstance(raw_filter.get(key), str):
-            terms += [t.casefold() for t in search_parse_query(raw_filter[key])]
-    return [t for t in terms if t]
+            terms += [search_fold(t)[0] for t in search_parse_query(raw_filter[key])]
+    return [t for t in terms if t.strip()]
 
 
-def search_excerpt(text: str, terms: list) -> str | None:
-    """Up to SNIPPET_CHARS of text around the first matching term (None if none matches)."""
-    folded = text.casefold()
-    hits = [folded.find(t) for t in terms if t and folded.find(t) >= 0]
-    if not hits:
-        return None
-    start = max(0, min(hits) - SNIPPET_CHARS // 4)
-    return re.sub(r"\s+", " ", text[start: start + SNIPPET_CHARS]).strip()
+def search_fold(text: str) -> tuple[str, list[int]]:
+    """Fold text as the index does (case, diacritics, runs of white space) and map each
+    folded character back to the index of the original character it came from."""
+    folded, origin, space = [], [], False
+    for index, char in enumerate(text):
+        if char.isspace():
+            if not space:
+                folded.append(" ")
+                origin.append(index)
+            space = True
+            continue
+        space = False
+        base = "".join(c for c in unicodedata.normalize("NFKD", char)
+                       if not unicodedata.combining(c)).casefold()
+        for piece in base or char:
+            folded.append(piece)
+            origin.append(index)
+    return "".join(folded), origin
+
+
+def _term_spans(text: str, terms: list) -> list[tuple[int, int]]:
+    """Where the folded terms occur in text: (start, end) of original characters."""
+    folded, origin = search_fold(text)
+    spans = []
+    for term in sorted(set(terms), key=len, reverse=True):
+        at = folded.find(term)
+        while at >= 0:
+            start, end = origin[at], origin[at + len(term) - 1] + 1
+            if not any(s < end and start < e for s, e in spans):
+                spans.append((start, end))
+            at = folded.find(term, at + len(term))
+    return sorted(spans)
 
 
 def search_mark(text: str | None, terms: list) -> str | None:
-    """Escape text as HTML and wrap the terms in <mark> (RFC 8621 §5)."""
+    """Escape text as HTML and wrap the terms in <mark> (RFC 8621 §5); None if none occur."""
     import html as html_lib  # lazy: search only
 
     if text is None or not terms:
         return None
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)),
-                         re.IGNORECASE)
-    out, last, marked = [], 0, False
-    for match in pattern.finditer(text):
-        out.append(html_lib.escape(text[last: match.start()]))
-        out.append(f"<mark>{html_lib.escape(match.group(0))}</mark>")
-        last, marked = match.end(), True
+    spans = _term_spans(text, terms)
+    if not spans:
+        return None
+    out, last = [], 0
+    for start, end in spans:
+        out.append(html_lib.escape(text[last:start]))
+        out.append(f"<mark>{html_lib.escape(text[start:end])}</mark>")
+        last = end
     out.append(html_lib.escape(text[last:]))
-    return "".join(out) if marked else None
+    return "".join(out)
+
+
+def search_preview(body: str, terms: list) -> str | None:
+    """Body text around the first match, marked, at most 255 octets (RFC 8621 §5)."""
+    spans = _term_spans(body, terms) if terms else []
+    if not spans:
+        return None
+    start = max(0, spans[0][0] - SNIPPET_CHARS // 4)
+    length = SNIPPET_CHARS
+    while length > 0:
+        excerpt = re.sub(r"\s+", " ", body[start: start + length]).strip()
+        marked = search_mark(excerpt, terms)
+        if marked and octets(marked) <= SNIPPET_MAX_OCTETS:
+            return marked
+        length = length * 3 // 4
+    return None
 
 
 # =============================================================================
@@ -4917,7 +4968,7 @@ def search_parse_query(text: str) -> list[str]:
     """Split a search string into words and quoted phrases (RFC 8621 §4.4.1)."""
     terms, i = [], 0
     while i < len(text):
-        if text[i] in "'\"":
+        if text[i] in "'\"" and (i == 0 or text[i - 1].isspace()) and _closing_quote(text, i) > 0:
             quote, j, phrase = text[i], i + 1, ""
             while j < len(text) and text[j] != quote:
                 if text[j] == "\\" and j + 1 < len(text):
@@ -4927,13 +4978,25 @@ def search_parse_query(text: str) -> list[str]:
             terms.append(phrase.strip())
             i = j + 1
             continue
-        match = re.match(r"[^\s'\"]+", text[i:])
-        if match:
-            terms.append(match.group(0))
-            i += match.end()
-        else:
-            i += 1
-    return [t for t in terms if t]
+        j = i
+        while j < len(text) and not text[j].isspace():
+            j += 1  # a word; a quote inside it (don't) is part of it
+        terms.append(text[i:j])
+        i = max(j, i + 1)
+    return [t for t in (t.strip() for t in terms) if t]
+
+
+def _closing_quote(text: str, at: int) -> int:
+    """The index of the quote that closes the one at `at` (escapes skipped), or -1."""
+    j = at + 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+            continue
+        if text[j] == text[at]:
+            return j
+        j += 1
+    return -1
 
 
 def search_fts_query(text: str, columns: tuple) -> str:
@@ -4957,11 +5020,11 @@ def search_filter(column_names: tuple):
 
 
 def search_body_text(root: MimePart) -> str:
-    """The text a reader sees: text parts decoded, HTML turned into text."""
-    text_body, html_body, _ = mime_body_lists(root)
+    """Every text part a reader may see, decoded, HTML turned into text: the plain and
+    HTML alternatives both, and text attachments (RFC 8621 §4.4.1 `body`)."""
     pieces = []
-    for part in text_body or html_body:
-        if part.type in ("text/plain", "text/html"):
+    for part in mime_walk(root):
+        if part.type.startswith("text/") and part.type != "text/calendar":
             text, _ = mime_part_text(part)
             pieces.append(mime_html_to_text(text) if part.type == "text/html" else text)
     return "\n".join(pieces)[:MAX_INDEXED_BODY_CHARS]
