@@ -294,7 +294,27 @@ def bench_mailbox(args):
     median, p95 = _timed(server.http, api, search, max(20, args.requests // 5))
     print(f"search_median: {median:.2f} ms  p95: {p95:.2f} ms")
     print(f"server_rss_after: {proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
+    bench_flag_changes(server.http, api, account, inbox, args.requests)
+    print(f"server_rss_end: {proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
     server.stop()
+
+
+def bench_flag_changes(http, api, account, inbox, runs):
+    """Email/changes after 100 keyword changes, as a client syncing after flagging mail."""
+    def call(*calls):
+        body = {"using": [CORE, MAIL], "methodCalls": list(calls)}
+        return http.post(api, json=body, timeout=60).json()["methodResponses"]
+
+    ids = call(["Email/query", {"accountId": account, "filter": {"inMailbox": inbox},
+                                "limit": 100}, "q"])[0][1]["ids"]
+    state = call(["Email/get", {"accountId": account, "ids": []}, "s"])[0][1]["state"]
+    for email_id in ids:
+        call(["Email/set", {"accountId": account,
+                            "update": {email_id: {"keywords/$flagged": True}}}, "f"])
+    body = {"using": [CORE, MAIL], "methodCalls": [
+        ["Email/changes", {"accountId": account, "sinceState": state}, "c"]]}
+    median, p95 = _timed(http, api, body, runs)
+    print(f"changes_after_100_flags_median: {median:.2f} ms  p95: {p95:.2f} ms")
 
 
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
