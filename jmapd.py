@@ -815,7 +815,7 @@ def db_open(data_dir: str, create: bool) -> peewee.SqliteDatabase:
             "synchronous": 2,  # FULL
             "foreign_keys": 1,
             "busy_timeout": BUSY_TIMEOUT_MS,
-            "cache_size": -8000,
+            "cache_size": -2000,  # KiB per connection: a thread each, so kept small (Pi)
         },
         timeout=BUSY_TIMEOUT_MS / 1000,
         check_same_thread=False,
