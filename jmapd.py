@@ -1432,10 +1432,12 @@ def record_new(changes: ChangeLog, type_name: str, model, **columns) -> int:
 
 def type_state_row(account_pk: int, type_name: str) -> TypeState:
     """Return the stored state of a type (an unsaved zero row if it never changed)."""
-    row = TypeState.get_or_none(
-        (TypeState.account_pk == account_pk) & (TypeState.type_name == type_name)
-    )
-    return row or TypeState(account_pk=account_pk, type_name=type_name, modseq=0, purged_below=0)
+    found = db.execute_sql(  # plain SQL: every method call asks, several times
+        "SELECT modseq, purged_below FROM type_state WHERE account_pk = ? AND type_name = ?",
+        (account_pk, type_name)).fetchone()
+    modseq, purged_below = found or (0, 0)
+    return TypeState(account_pk=account_pk, type_name=type_name, modseq=modseq,
+                     purged_below=purged_below)
 
 
 def state_string(modseq: int) -> str:
