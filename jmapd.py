@@ -30,7 +30,7 @@ INDEX
     6.2 Request engine and result references
     6.3 Generic type machine
     6.4 Core/echo and Blob/copy
-    6.5 Change bus
+    6.5 Change bus and EventSource
     7   Mail
     7.1 MIME -> Email
     7.2 Mailbox
@@ -588,6 +588,8 @@ OPTIONS = (
     Opt("--max-objects-in-get", 500, conv_positive, "maxObjectsInGet"),
     Opt("--max-objects-in-set", 500, conv_positive, "maxObjectsInSet"),
     Opt("--changes-horizon-days", 60, conv_horizon, "keep destroyed-record tombstones this long"),
+    Opt("--max-push-connections", 2, conv_positive,
+        "EventSource streams one user may hold open (each holds a worker thread)"),
     Opt("--max-login-failures-per-address", 10, conv_positive,
         "failed logins from one address per 15 minutes before it must wait"),
     Opt("--max-login-failures-per-user", 30, conv_positive,
@@ -622,6 +624,7 @@ class Config:
     changes_horizon_days: int = 60
     unix_socket: str | None = None
     trusted_proxy: tuple = ()
+    max_push_connections: int = 2
     max_login_failures_per_address: int = 10
     max_login_failures_per_user: int = 30
     label: str | None = None
@@ -3014,7 +3017,7 @@ def blob_copy(ctx: Call, raw_args: dict) -> dict:
 
 
 # =============================================================================
-# 6.5 CHANGE BUS
+# 6.5 CHANGE BUS AND EVENTSOURCE
 #     After each commit the account's type states are published here. Commits by
 #     other processes (deliver, import, user) are noticed by a watcher thread through
 #     PRAGMA data_version on its own connection. EventSource and WebSocket push wait
@@ -3070,6 +3073,19 @@ class ChangeBus:
                 self.states_lock.wait(remaining)
             return self.versions.get(account_pk, 0), dict(self.states.get(account_pk, {}))
 
+    def wait_any(self, seen: dict, timeout_s: float) -> dict:
+        """Block until any account in seen {pk: version} moves on; return {pk: version}."""
+        deadline = time.monotonic() + timeout_s
+        with self.states_lock:
+            while not self.stopping.is_set() and all(
+                self.versions.get(pk, 0) == version for pk, version in seen.items()
+            ):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.states_lock.wait(remaining)
+            return {pk: self.versions.get(pk, 0) for pk in seen}
+
     def start_watcher(self, data_dir: str) -> None:
         """Watch for commits by other processes (PRAGMA data_version on a private connection)."""
         import sqlite3  # lazy: only serve needs the watcher's private connection
@@ -3100,6 +3116,73 @@ class ChangeBus:
         self.stopping.set()
         with self.states_lock:
             self.states_lock.notify_all()
+
+
+# ---- EventSource (RFC 8620 §7.3) ----
+
+PING_MIN_S, PING_MAX_S = 1, 600  # RFC 8620 §7.3: the range must include 30..300
+COALESCE_S = 0.05  # changes a moment apart go out as one StateChange
+
+
+def push_event_id(states: dict) -> str:
+    """An event id naming every state the user can see: account:modseq pairs."""
+    return ",".join(f"{account_id}:{max(map(int, s.values()), default=0)}"
+                    for account_id, s in sorted(states.items()))
+
+
+def push_parse_event_id(raw: str) -> dict:
+    """{account id: modseq} from a Last-Event-ID we made; {} for anything else."""
+    seen = {}
+    for item in (raw or "").split(","):
+        account_id, _, modseq = item.partition(":")
+        if is_valid_id(account_id) and modseq.isdigit():
+            seen[account_id] = int(modseq)
+    return seen
+
+
+def push_state_changes(before: dict, after: dict, types) -> dict:
+    """StateChange.changed: per account, the types whose state moved (RFC 8620 §7.1)."""
+    changed = {}
+    for account_id, states in after.items():
+        old = before.get(account_id, {})
+        moved = {t: s for t, s in states.items()
+                 if old.get(t) != s and (types is None or t in types)}
+        if moved:
+            changed[account_id] = moved
+    return changed
+
+
+def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s: int,
+                      last_event_id: str | None):
+    """Yield text/event-stream chunks until closed, stopped or (closeafter) one state sent."""
+    accounts = {a.pk: a.id for a, _ in app.accessible_accounts(user).values()}
+    versions = {pk: app.bus.snapshot(pk)[0] for pk in accounts}
+    sent = {accounts[pk]: app.bus.snapshot(pk)[1] for pk in accounts}
+    if last_event_id:  # RFC 8620 §7.3: send what the client missed, at once
+        seen = push_parse_event_id(last_event_id)
+        sent = {a: {t: s for t, s in st.items() if int(s) <= seen.get(a, -1)}
+                for a, st in sent.items()}
+    yield ": jmapd event stream\n\n"
+    last_event = time.monotonic()
+    while not app.bus.stopping.is_set():
+        now = {accounts[pk]: app.bus.snapshot(pk)[1] for pk in accounts}
+        changed = push_state_changes(sent, now, types)
+        if changed:
+            sent = now
+            body = json_dumps({"@type": "StateChange", "changed": changed})
+            yield f"event: state\nid: {push_event_id(now)}\ndata: {body}\n\n"
+            last_event = time.monotonic()
+            if close_after_state:
+                return
+            continue
+        if ping_s and time.monotonic() - last_event >= ping_s:
+            yield f"event: ping\ndata: {json_dumps({'interval': ping_s})}\n\n"
+            last_event = time.monotonic()
+        wait_s = ping_s - (time.monotonic() - last_event) if ping_s else 30
+        moved = app.bus.wait_any(versions, max(0.01, wait_s))
+        if moved != versions:
+            versions = moved
+            time.sleep(COALESCE_S)
 
 
 # =============================================================================
@@ -5297,6 +5380,11 @@ def http_routes(app: App) -> bottle.Bottle:
     def api():
         return http_api(app)
 
+    @web.get("/jmap/eventsource")
+    @web.get("/jmap/eventsource/")
+    def eventsource():
+        return http_eventsource(app)
+
     @web.post("/jmap/upload/<account_id>")
     @web.post("/jmap/upload/<account_id>/")
     def upload(account_id):
@@ -5330,6 +5418,33 @@ def http_api(app: App) -> bottle.HTTPResponse:
     log.info("api #%d %s 200 [%s] %.1f ms", request_id, user.username, names,
              (time.monotonic() - started) * 1000)
     return http_json(response)
+
+
+def http_eventsource(app: App):
+    """The EventSource push channel (RFC 8620 §7.3)."""
+    user = http_user(app)
+    query = bottle.request.query
+    raw_types = query.getunicode("types") or "*"
+    types = None if raw_types == "*" else {t for t in raw_types.split(",") if t}
+    closeafter = query.getunicode("closeafter") or "no"
+    ping = query.getunicode("ping") or "0"
+    if closeafter not in ("state", "no") or not ping.isdigit():
+        raise http_problem(400, "about:blank", "closeafter is state or no; ping is seconds")
+    ping_s = min(max(int(ping), PING_MIN_S), PING_MAX_S) if int(ping) else 0
+    slot = _Slot(app, user, "eventSource", app.cfg.max_push_connections)
+    slot.__enter__()  # a 400 limit problem when the user has too many streams open
+
+    def stream():
+        try:
+            for chunk in push_event_stream(app, user, types, closeafter == "state", ping_s,
+                                           bottle.request.environ.get("HTTP_LAST_EVENT_ID")):
+                yield chunk.encode()
+        finally:
+            slot.__exit__(None, None, None)
+
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}  # nginx: pass events on at once
+    return bottle.HTTPResponse(stream(), 200, headers)
 
 
 def http_upload(app: App, raw_account_id: str) -> bottle.HTTPResponse:
