@@ -40,6 +40,7 @@ INDEX
     7.8 Search (FTS5)
     8   Delivery and submission
     8.1 deliver_message
+    8.2 LMTP
     13  HTTP routes
     14  CLI commands and main
 
@@ -577,6 +578,11 @@ OPTIONS = (
     Opt("--listen", "127.0.0.1:8080", conv_listen, "HOST:PORT to serve HTTP on ([::1]:8080)"),
     Opt("--public-url", None, conv_url, "external base URL (https://mail.example.com)"),
     Opt("--unix-socket", None, str, "also serve HTTP on this Unix socket (for a local proxy)"),
+    Opt("--lmtp", None, conv_listen, "also accept mail by LMTP on HOST:PORT (RFC 2033)"),
+    Opt("--lmtp-socket", None, str, "also accept mail by LMTP on this Unix socket"),
+    Opt("--user", None, str, "the address the message is for", ("deliver",)),
+    Opt("--mailbox", None, str, "a role (inbox, junk, …) or Mailbox name; else the Inbox",
+        ("deliver",)),
     Opt("--trusted-proxy", (), str, "addresses whose X-Forwarded-For/-Proto/-Host are honoured",
         nargs="+"),
     Opt("--threads", 8, conv_positive, "waitress worker threads"),
@@ -623,6 +629,11 @@ class Config:
     max_objects_in_set: int = 500
     changes_horizon_days: int = 60
     unix_socket: str | None = None
+    lmtp: tuple | None = None
+    lmtp_socket: str | None = None
+    user: str | None = None
+    mailbox: str | None = None
+    alias: str | None = None
     trusted_proxy: tuple = ()
     max_push_connections: int = 2
     max_login_failures_per_address: int = 10
@@ -698,6 +709,12 @@ COMMANDS = (
     ("user token list", "list a user's app passwords", (("username", "ADDRESS", "the user"),)),
     ("user token revoke", "revoke an app password",
      (("username", "ADDRESS", "the user"), ("token_id", "ID", "the app password's id"))),
+    ("user alias add", "let another address deliver to a user",
+     (("username", "ADDRESS", "the user"), ("alias", "ALIAS", "the other address"))),
+    ("user alias del", "remove an alias",
+     (("username", "ADDRESS", "the user"), ("alias", "ALIAS", "the other address"))),
+    ("user alias list", "list a user's aliases", (("username", "ADDRESS", "the user"),)),
+    ("deliver", "store one message from stdin (for an MTA or fetchmail); exit 75 to retry", ()),
     ("backup", "copy the database and blobs to DEST while the server runs",
      (("path", "DEST", "a new or empty directory"),)),
     ("restore", "make a data directory from a backup", (("path", "SRC", "a backup directory"),)),
@@ -956,6 +973,13 @@ class EmailMailbox(BaseModel):
         primary_key = peewee.CompositeKey("mailbox_pk", "email_pk")
 
 
+class Alias(BaseModel):
+    """Another address that delivers to an account (`user alias add`)."""
+
+    address = peewee.TextField(primary_key=True)
+    account_pk = peewee.IntegerField()
+
+
 class Blob(BaseModel):
     """One stored blob file, named by its SHA-256."""
 
@@ -1134,11 +1158,20 @@ def _migration_4_email_search(database) -> None:
         database.execute_sql(statement)
 
 
+def _migration_5_aliases(database) -> None:
+    database.execute_sql(
+        """CREATE TABLE alias (
+            address TEXT PRIMARY KEY,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE
+        ) WITHOUT ROWID""")
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
     (3, "email and thread", _migration_3_email),
     (4, "email search", _migration_4_email_search),
+    (5, "aliases", _migration_5_aliases),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -5175,6 +5208,237 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     return rows
 
 
+def deliver_recipient(address: str) -> tuple[Account, str | None] | None:
+    """The account an address delivers to (its username or an alias) and its +detail."""
+    local, at, domain = address.strip().lower().rpartition("@")
+    if not at:
+        return None
+    base, _, detail = local.partition("+")
+    for candidate in dict.fromkeys([f"{local}@{domain}", f"{base}@{domain}"]):
+        account = Account.get_or_none(Account.username == candidate)
+        if account is None:
+            alias = Alias.get_or_none(Alias.address == candidate)
+            account = Account.get_or_none(Account.pk == alias.account_pk) if alias else None
+        if account is not None:
+            return account, (detail or None) if candidate != f"{local}@{domain}" else None
+    return None
+
+
+def deliver_mailbox(account_pk: int, wanted: str | None) -> int:
+    """The Mailbox mail goes to: a role or a name if one matches, else the Inbox.
+
+    A sender's +detail never creates a Mailbox; an unknown one files into the Inbox.
+    """
+    live = Mailbox.select().where((Mailbox.account_pk == account_pk) & ~Mailbox.destroyed)
+    if wanted:
+        for row in live.where(Mailbox.role == wanted.lower()):
+            return row.pk
+        for row in live:
+            if row.name.casefold() == wanted.casefold():
+                return row.pk
+    inbox = live.where(Mailbox.role == "inbox").first()
+    if inbox is None:
+        raise DeliveryTemporaryError("the account has no Inbox")
+    return inbox.pk
+
+
+class DeliveryTemporaryError(Exception):
+    """Delivery cannot happen now but may later (disk nearly full, database busy)."""
+
+
+DISK_RESERVE_BYTES = 64 * 2**20  # refuse new mail before the disk is full, not half-way
+
+
+def deliver_check_space(data_dir: str, size: int) -> None:
+    """Refuse mail that would leave less than the reserve free (a temporary failure)."""
+    import shutil  # lazy: delivery only
+
+    if shutil.disk_usage(data_dir).free < DISK_RESERVE_BYTES + 2 * size:
+        raise DeliveryTemporaryError("the disk is nearly full")
+
+
+
+# =============================================================================
+# 8.2 LMTP
+#     RFC 2033 inside `serve`: a thread per connection (an MTA opens few). Each
+#     recipient is answered on its own after its message is committed (250), or
+#     refused (550 unknown, 552 too big) or deferred (4xx) so the MTA retries.
+# =============================================================================
+
+LMTP_MAX_LINE = 64 * 1024
+LMTP_TIMEOUT_S = 300
+LMTP_MAX_RECIPIENTS = 100
+
+
+class LmtpSession:
+    """One LMTP conversation (RFC 2033) over a file-like socket pair."""
+
+    def __init__(self, app, reader, writer, peer: str):
+        self.app, self.reader, self.writer, self.peer = app, reader, writer, peer
+        self.host = socket.gethostname()
+        self.greeted = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.sender: str | None = None
+        self.recipients: list = []
+
+    def reply(self, text: str) -> None:
+        self.writer.write(text.encode() + b"\r\n")
+        self.writer.flush()
+
+    def run(self) -> None:
+        self.reply(f"220 {self.host} LMTP jmapd ready")
+        while True:
+            line = self.reader.readline(LMTP_MAX_LINE + 1)
+            if not line:
+                return
+            if len(line) > LMTP_MAX_LINE:
+                self.reply("500 5.5.2 line too long")
+                continue
+            verb, _, rest = line.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+            if verb.upper() == "QUIT":
+                self.reply("221 2.0.0 bye")
+                return
+            self.command(verb.upper(), rest.strip())
+
+    def command(self, verb: str, rest: str) -> None:
+        # long: one branch per LMTP verb, RFC 2033 §4 with RFC 5321 §4.1
+        if verb == "LHLO":
+            self.greeted = True
+            self.reset()
+            size = self.app.cfg.max_size_upload
+            self.reply(f"250-{self.host}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n"
+                       f"250-8BITMIME\r\n250 SIZE {size}")
+        elif verb in ("HELO", "EHLO"):
+            self.reply("500 5.5.1 this is LMTP: say LHLO")
+        elif verb == "MAIL":
+            self.mail(rest)
+        elif verb == "RCPT":
+            self.rcpt(rest)
+        elif verb == "DATA":
+            self.data()
+        elif verb == "RSET":
+            self.reset()
+            self.reply("250 2.0.0 OK")
+        elif verb == "NOOP":
+            self.reply("250 2.0.0 OK")
+        elif verb == "VRFY":
+            self.reply("252 2.5.0 cannot verify, but will try")
+        else:
+            self.reply("500 5.5.1 unknown command")
+
+    def mail(self, rest: str) -> None:
+        match = re.match(r"(?i)FROM:\s*<([^>]*)>(.*)$", rest)
+        if not self.greeted:
+            self.reply("503 5.5.1 LHLO first")
+        elif self.sender is not None:
+            self.reply("503 5.5.1 nested MAIL")
+        elif not match:
+            self.reply("501 5.5.4 syntax: MAIL FROM:<address>")
+        else:
+            size = re.search(r"(?i)\bSIZE=(\d+)", match.group(2))
+            if size and int(size.group(1)) > self.app.cfg.max_size_upload:
+                self.reply("552 5.3.4 message too big")
+                return
+            self.sender = match.group(1)
+            self.reply("250 2.1.0 OK")
+
+    def rcpt(self, rest: str) -> None:
+        match = re.match(r"(?i)TO:\s*<([^>]+)>", rest)
+        if self.sender is None:
+            self.reply("503 5.5.1 MAIL first")
+        elif not match:
+            self.reply("501 5.5.4 syntax: RCPT TO:<address>")
+        elif len(self.recipients) >= LMTP_MAX_RECIPIENTS:
+            self.reply("452 4.5.3 too many recipients")
+        else:
+            try:
+                found = deliver_recipient(match.group(1))
+            except peewee.OperationalError:
+                self.reply("451 4.3.0 temporary trouble, try again")
+                return
+            if found is None:
+                self.reply("550 5.1.1 no such user here")
+                return
+            self.recipients.append((match.group(1), *found))
+            self.reply("250 2.1.5 OK")
+
+    def data(self) -> None:
+        if not self.recipients:
+            self.reply("503 5.5.1 no valid recipients")
+            return
+        self.reply("354 go ahead, end with <CRLF>.<CRLF>")
+        raw, too_big = self.read_message()
+        for address, account, detail in self.recipients:
+            self.reply(self.deliver_one(raw, too_big, address, account, detail))
+        self.reset()
+
+    def read_message(self) -> tuple[bytes, bool]:
+        """Read DATA up to the lone dot, undoing dot-stuffing (RFC 5321 §4.5.2)."""
+        lines, size, limit = [], 0, self.app.cfg.max_size_upload
+        while True:
+            line = self.reader.readline(LMTP_MAX_LINE + 1)
+            if not line or line in (b".\r\n", b".\n"):
+                break
+            if line.startswith(b"."):
+                line = line[1:]
+            size += len(line)
+            if size <= limit:
+                lines.append(line)
+        return self.trace_headers() + b"".join(lines), size > limit
+
+    def trace_headers(self) -> bytes:
+        stamp = datetime.now(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        return (f"Return-Path: <{self.sender}>\r\nReceived: from {self.peer} by {self.host} "
+                f"(jmapd) with LMTP; {stamp}\r\n").encode()
+
+    def deliver_one(self, raw: bytes, too_big: bool, address: str, account, detail) -> str:
+        if too_big:
+            return "552 5.3.4 message too big"
+        try:
+            deliver_check_space(self.app.cfg.data_dir, len(raw))
+            mailbox_pk = deliver_mailbox(account.pk, detail)
+            deliver_message(self.app.cfg.data_dir, account.pk, [raw], [mailbox_pk], {},
+                            self.app.clock.now())
+        except DeliveryTemporaryError as exc:
+            log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
+            return f"452 4.3.1 {exc}"
+        except (peewee.OperationalError, OSError) as exc:
+            log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
+            return "451 4.3.0 temporary trouble, try again"
+        self.app.bus.notify(account.pk)
+        log.getChild("lmtp").info("delivered %d octets to %s", len(raw), account.username)
+        return "250 2.1.5 delivered"
+
+
+def lmtp_start(app, sockets: list) -> list:
+    """Serve LMTP on already-bound sockets, one thread per connection; return the servers."""
+    import socketserver  # lazy: serve with --lmtp only
+
+    class Handler(socketserver.StreamRequestHandler):
+        timeout = LMTP_TIMEOUT_S
+
+        def handle(self):
+            peer = self.client_address[0] if isinstance(self.client_address, tuple) else "local"
+            try:
+                LmtpSession(app, self.rfile, self.wfile, str(peer)).run()
+            except (OSError, socket.timeout) as exc:
+                log.getChild("lmtp").info("connection from %s ended: %s", peer, exc)
+
+    servers = []
+    for sock in sockets:
+        base = (socketserver.ThreadingUnixStreamServer if sock.family == socket.AF_UNIX
+                else socketserver.ThreadingTCPServer)
+        server = base(sock.getsockname(), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock  # already bound and listening
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="lmtp", daemon=True).start()
+        servers.append(server)
+    return servers
+
+
 # =============================================================================
 # 13 HTTP ROUTES
 #    make_app(cfg) -> App, whose .wsgi is a bottle.Bottle(): /.well-known/jmap,
@@ -5601,6 +5865,8 @@ def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
         raise CommandError(f"no user {username}")
     if action.startswith("token"):
         return cmd_user_token(cfg, auth, account, clock, stdout)
+    if action.startswith("alias"):
+        return cmd_user_alias(cfg, account, stdout)
     if action == "passwd":
         account.password_hash = auth.hash_password(cli_read_password(cfg, stdin))
         account.save()
@@ -5637,6 +5903,67 @@ def cmd_user_token(cfg: Config, auth, account: Account, clock: Clock, stdout) ->
     if not deleted:
         raise CommandError(f"{account.username} has no app password {cfg.token_id!r}")
     print(f"app password {cfg.token_id} revoked", file=stdout)
+    return 0
+
+
+def cmd_user_alias(cfg: Config, account: Account, stdout) -> int:
+    """Aliases: other addresses whose mail (by LMTP) goes to this account."""
+    action = cfg.command.split()[-1]
+    if action == "list":
+        for alias in Alias.select().where(Alias.account_pk == account.pk).order_by(Alias.address):
+            print(alias.address, file=stdout)
+        return 0
+    try:
+        address = auth_normalise_username(cfg.alias)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if action == "add":
+        with db.atomic("IMMEDIATE"):
+            taken = Account.select().where(Account.username == address).exists() or \
+                Alias.select().where(Alias.address == address).exists()
+            if taken:
+                raise CommandError(f"{address} is already a user or an alias")
+            Alias.create(address=address, account_pk=account.pk)
+        print(f"{address} now delivers to {account.username}", file=stdout)
+        return 0
+    deleted = Alias.delete().where((Alias.address == address)
+                                   & (Alias.account_pk == account.pk)).execute()
+    if not deleted:
+        raise CommandError(f"{account.username} has no alias {address}")
+    print(f"alias {address} removed", file=stdout)
+    return 0
+
+
+EX_NOUSER, EX_TEMPFAIL = 67, 75  # sysexits.h: what MTAs understand
+
+
+def cmd_deliver(cfg: Config, stdin=None) -> int:
+    """Store one message from stdin; exit 0 only once it is durable (an MTA's MDA).
+
+    Exit 67 for an unknown user; 75 for anything that may pass, so the MTA retries
+    instead of bouncing. Never creates a data directory.
+    """
+    stdin = stdin or sys.stdin.buffer
+    try:
+        raw = stdin.read(cfg.max_size_upload + 1)
+        if not os.path.isdir(cfg.data_dir):
+            raise DeliveryTemporaryError(f"no data directory {cfg.data_dir!r} (not mounted?)")
+        if len(raw) > cfg.max_size_upload:
+            print("jmapd: message too big", file=sys.stderr)
+            return 73  # EX_CANTCREAT: a permanent refusal the MTA reports
+        db_open(cfg.data_dir, create=False)
+        found = deliver_recipient(cfg.user or "")
+        if found is None:
+            print(f"jmapd: no such user {cfg.user!r}", file=sys.stderr)
+            return EX_NOUSER
+        account, detail = found
+        deliver_check_space(cfg.data_dir, len(raw))
+        mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox or detail)
+        deliver_message(cfg.data_dir, account.pk, [raw], [mailbox_pk], {}, time.time())
+    except (DeliveryTemporaryError, DataDirMissing, ConfigError, peewee.OperationalError,
+            OSError) as exc:
+        print(f"jmapd: delivery deferred: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     return 0
 
 
@@ -5802,6 +6129,32 @@ def serve_bind(cfg: Config) -> list[socket.socket]:
     return sockets
 
 
+def serve_bind_lmtp(cfg: Config) -> list[socket.socket]:
+    """Bind the LMTP listeners asked for (--lmtp, --lmtp-socket)."""
+    sockets = []
+    if cfg.lmtp:
+        host, port = cfg.lmtp
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for LMTP on {host}:{port}: {exc.strerror}") from exc
+        sock.listen(64)
+        sockets.append(sock)
+        log.info("LMTP on %s:%d", *sock.getsockname()[:2])
+    if cfg.lmtp_socket:
+        if os.path.exists(cfg.lmtp_socket):
+            os.unlink(cfg.lmtp_socket)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(cfg.lmtp_socket)
+        os.chmod(cfg.lmtp_socket, 0o660)  # the MTA reaches it through group membership
+        unix.listen(64)
+        sockets.append(unix)
+        log.info("LMTP on %s", cfg.lmtp_socket)
+    return sockets
+
+
 def serve_housekeeping(app: App) -> None:
     """Purge old tombstones, expired uploads and orphan blobs; checkpoint the WAL."""
     models = {spec.name: spec.model for spec in TYPES.values()}
@@ -5852,6 +6205,7 @@ def cmd_serve(cfg: Config) -> int:
     serve_first_user(app)
     serve_housekeeping(app)
     sockets = serve_bind(cfg)
+    lmtp_servers = lmtp_start(app, serve_bind_lmtp(cfg))
     app.bus.start_watcher(cfg.data_dir)
     stopping = threading.Event()
     threading.Thread(target=_housekeeping_loop, args=(app, stopping), daemon=True,
@@ -5866,6 +6220,8 @@ def cmd_serve(cfg: Config) -> int:
         signal.signal(signum, lambda *_: stopping.set())
     sd_notify("READY=1")
     waitress_run_until(server, stopping, on_stop=lambda: _serve_stopping(app))
+    for lmtp in lmtp_servers:
+        lmtp.shutdown()  # a delivery under way finishes; its MTA gets its answer
     app.bus.stop()
     db.close()
     if cfg.unix_socket and os.path.exists(cfg.unix_socket):
@@ -5881,16 +6237,21 @@ def _serve_stopping(app: App) -> None:
 
 
 COMMAND_HANDLERS = {"serve": cmd_serve, "backup": cmd_backup, "restore": cmd_restore,
-                    "check": cmd_check}
+                    "check": cmd_check, "deliver": cmd_deliver}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run a command; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = cfg_from_args(sys.argv[1:] if argv is None else argv)
+        cfg = cfg_from_args(argv)
     except ConfigError as exc:
         print(f"jmapd: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:
+        if "deliver" in argv and exc.code not in (0, None):
+            return EX_TEMPFAIL  # an MTA bounces mail on any status but 75 (STYLE §6)
+        raise
     logging_setup(cfg.log_level)
     os.umask(os.umask(0o027) | 0o027)  # mail is private: no file of ours is world-readable
     handler = COMMAND_HANDLERS.get(cfg.command, cmd_user)
