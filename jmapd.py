@@ -580,9 +580,9 @@ OPTIONS = (
     Opt("--unix-socket", None, str, "also serve HTTP on this Unix socket (for a local proxy)"),
     Opt("--lmtp", None, conv_listen, "also accept mail by LMTP on HOST:PORT (RFC 2033)"),
     Opt("--lmtp-socket", None, str, "also accept mail by LMTP on this Unix socket"),
-    Opt("--user", None, str, "the address the message is for", ("deliver",)),
+    Opt("--user", None, str, "the address the mail is for", ("deliver", "import")),
     Opt("--mailbox", None, str, "a role (inbox, junk, …) or Mailbox name; else the Inbox",
-        ("deliver",)),
+        ("deliver", "import")),
     Opt("--trusted-proxy", (), str, "addresses whose X-Forwarded-For/-Proto/-Host are honoured",
         nargs="+"),
     Opt("--threads", 8, conv_positive, "waitress worker threads"),
@@ -634,6 +634,7 @@ class Config:
     user: str | None = None
     mailbox: str | None = None
     alias: str | None = None
+    paths: tuple = ()
     trusted_proxy: tuple = ()
     max_push_connections: int = 2
     max_login_failures_per_address: int = 10
@@ -715,6 +716,8 @@ COMMANDS = (
      (("username", "ADDRESS", "the user"), ("alias", "ALIAS", "the other address"))),
     ("user alias list", "list a user's aliases", (("username", "ADDRESS", "the user"),)),
     ("deliver", "store one message from stdin (for an MTA or fetchmail); exit 75 to retry", ()),
+    ("import", "import mbox files, Maildirs or folders of .eml files",
+     (("paths", "PATH", "an mbox file, a Maildir or a folder of .eml files"),)),
     ("backup", "copy the database and blobs to DEST while the server runs",
      (("path", "DEST", "a new or empty directory"),)),
     ("restore", "make a data directory from a backup", (("path", "SRC", "a backup directory"),)),
@@ -746,7 +749,8 @@ def cfg_parser() -> argparse.ArgumentParser:
         sub = groups[" ".join(words[:-1])].add_parser(words[-1], help=text, description=text,
                                                       allow_abbrev=False)
         for dest, metavar, arg_help in positionals:
-            sub.add_argument(dest, metavar=metavar, help=arg_help)
+            sub.add_argument(dest, metavar=metavar, help=arg_help,
+                             **({"nargs": "+"} if dest == "paths" else {}))
         _add_options(sub, command, top=False)
     return parser
 
@@ -760,6 +764,8 @@ def cfg_from_args(argv: list[str]) -> Config:
     values = {k: v for k, v in vars(ns).items() if k in known and k != "command"}
     if isinstance(values.get("trusted_proxy"), list):
         values["trusted_proxy"] = tuple(values["trusted_proxy"])
+    if isinstance(values.get("paths"), list):
+        values["paths"] = tuple(values["paths"])
     return Config(command=command, **values)
 
 
@@ -5197,15 +5203,78 @@ def search_header_matches(data_dir: str, sha: str, name: str, value: str | None)
 
 
 def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_pks: list,
-                    keywords: dict, now: float) -> list[Email]:
-    """Store messages in an account's Mailboxes and commit; return the new Emails."""
+                    keywords: dict | list, now: float,
+                    received: list | None = None) -> list[Email]:
+    """Store messages in an account's Mailboxes and commit; return the new Emails.
+
+    `keywords` is one set for all or a list with one per message; `received` optionally
+    gives each message's receivedAt (else its Received header or now).
+    """
     stored = blob_store_many(data_dir, raws)  # durable before any row names them
+    per_message = keywords if isinstance(keywords, list) else [keywords] * len(raws)
+    received = received or [None] * len(raws)
     changes = ChangeLog(account_pk, now)
     with db.atomic("IMMEDIATE"):
-        rows = [email_store(changes, account_pk, sha, raw, mailbox_pks, keywords, None, now)
-                for (sha, _), raw in zip(stored, raws)]
+        rows = [email_store(changes, account_pk, sha, raw, mailbox_pks, flags, at, now)
+                for (sha, _), raw, flags, at in zip(stored, raws, per_message, received)]
         changes.flush()
     return rows
+
+
+# ---- import: mbox, Maildir, directories of .eml ----
+
+MAILDIR_FLAGS = {"S": "$seen", "R": "$answered", "F": "$flagged", "D": "$draft"}
+IMPORT_BATCH = 500
+
+
+def import_sources(path: str):
+    """Yield (raw message, keywords, receivedAt or None) from an mbox, Maildir or .eml folder."""
+    if os.path.isdir(os.path.join(path, "cur")) or os.path.isdir(os.path.join(path, "new")):
+        for sub in ("new", "cur"):
+            folder = os.path.join(path, sub)
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                info = name.rsplit(":2,", 1)[1] if ":2," in name else ""
+                flags = {MAILDIR_FLAGS[c]: True for c in info if c in MAILDIR_FLAGS}
+                full = os.path.join(folder, name)
+                with open(full, "rb") as f:
+                    yield f.read(), flags, os.stat(full).st_mtime
+    elif os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".eml"):
+                with open(os.path.join(path, name), "rb") as f:
+                    yield f.read(), {}, None
+    else:
+        yield from import_mbox(path)
+
+
+def import_mbox(path: str):
+    """Split an mbox at its From_ lines (mboxrd: one '>' less before From)."""
+    from email.utils import parsedate_to_datetime  # lazy: import only
+
+    def finish(lines, when):
+        if lines and lines[-1].strip() == b"":
+            lines = lines[:-1]  # the empty line before the next From_ is the separator's
+        body = b"".join(re.sub(rb"^>(>*From )", rb"\1", line) for line in lines)
+        return body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), {}, when
+
+    lines, when = None, None
+    with open(path, "rb") as f:
+        for line in f:
+            if line.startswith(b"From "):
+                if lines is not None:
+                    yield finish(lines, when)
+                lines, when = [], None
+                parts = line.decode("ascii", "replace").split(None, 2)
+                try:
+                    when = parsedate_to_datetime(parts[2].strip()).timestamp() \
+                        if len(parts) > 2 else None
+                except (TypeError, ValueError, IndexError):
+                    when = None
+                continue
+            if lines is not None:
+                lines.append(line)
+    if lines is not None:
+        yield finish(lines, when)
 
 
 def deliver_recipient(address: str) -> tuple[Account, str | None] | None:
@@ -5967,6 +6036,49 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
     return 0
 
 
+def cmd_import(cfg: Config) -> int:
+    """Import mbox files, Maildirs and .eml folders; resumable (already stored: skipped)."""
+    db_open(cfg.data_dir, create=False)
+    found = deliver_recipient(cfg.user or "")
+    if found is None:
+        raise CommandError(f"no such user {cfg.user!r}")
+    account = found[0]
+    mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox)
+    have = {sha for (sha,) in BlobRef.select(BlobRef.sha256).where(
+        (BlobRef.account_pk == account.pk) & (BlobRef.kind == "email")).tuples()}
+    imported = skipped = 0
+    batch: list = []
+    show = sys.stderr.isatty()
+    for path in cfg.paths:
+        for raw, flags, when in import_sources(path):
+            sha = hashlib.sha256(raw).hexdigest()
+            if sha in have:
+                skipped += 1  # resumable: a message stored before is not stored twice
+                continue
+            have.add(sha)
+            batch.append((raw, flags, when))
+            if len(batch) >= IMPORT_BATCH:
+                imported += _import_batch(cfg, account, mailbox_pk, batch)
+                if show:
+                    print(f"\r{imported} imported, {skipped} already there", end="",
+                          file=sys.stderr)
+    imported += _import_batch(cfg, account, mailbox_pk, batch)
+    if show:
+        print(file=sys.stderr)
+    print(f"imported {imported} messages into {account.username}; {skipped} were already there")
+    return 0
+
+
+def _import_batch(cfg: Config, account: Account, mailbox_pk: int, batch: list) -> int:
+    if not batch:
+        return 0
+    deliver_message(cfg.data_dir, account.pk, [b[0] for b in batch], [mailbox_pk],
+                    [b[1] for b in batch], time.time(), [b[2] for b in batch])
+    count = len(batch)
+    batch.clear()
+    return count
+
+
 # ---- backup, restore, check ----
 
 
@@ -6237,7 +6349,7 @@ def _serve_stopping(app: App) -> None:
 
 
 COMMAND_HANDLERS = {"serve": cmd_serve, "backup": cmd_backup, "restore": cmd_restore,
-                    "check": cmd_check, "deliver": cmd_deliver}
+                    "check": cmd_check, "deliver": cmd_deliver, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:
