@@ -318,8 +318,72 @@ def bench_flag_changes(http, api, account, inbox, runs):
     print(f"changes_after_100_flags_median: {median:.2f} ms  p95: {p95:.2f} ms")
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_lmtp(args):
+    """Durable LMTP deliveries per second, one connection and four in parallel."""
+    import random
+    import smtplib
+    import threading
+
+    rng = random.Random(3)
+    messages = [synthetic_message(n, rng) for n in range(args.lmtp_messages)]
+    for connections in (1, 4):
+        port = free_port()
+        server = Jmapd("--lmtp", f"127.0.0.1:{port}")
+        share = [messages[i::connections] for i in range(connections)]
+
+        def send(batch):
+            lmtp = smtplib.LMTP("127.0.0.1", port)
+            lmtp.ehlo("bench")
+            for raw in batch:
+                lmtp.sendmail("bench@example.org", [USER], raw)
+            lmtp.quit()
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(b,)) for b in share]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        server.stop()
+        print(f"lmtp_{connections}_connection(s): {len(messages) / elapsed:.0f} messages/s")
+
+
+def bench_import(args):
+    """`jmapd.py import` of an mbox of N messages (batched commits)."""
+    import random
+
+    rng = random.Random(5)
+    with tempfile.TemporaryDirectory(prefix="jmapd-bench-") as tmp:
+        mbox = Path(tmp) / "big.mbox"
+        with open(mbox, "wb") as f:
+            for n in range(args.messages):
+                raw = synthetic_message(n, rng).replace(b"\r\n", b"\n")
+                raw = re.sub(rb"(?m)^(>*From )", rb">\1", raw)
+                f.write(b"From bench@example.org Tue Nov  1 10:00:00 2026\n" + raw + b"\n")
+        data_dir = Path(tmp) / "data"
+        subprocess.run([sys.executable, str(JMAPD), "user", "add", USER, "--password-stdin",
+                        "--data-dir", str(data_dir)], input=PASSWORD + "\n", text=True,
+                       check=True, capture_output=True)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, str(JMAPD), "import", "--user", USER, str(mbox),
+                               "--data-dir", str(data_dir)], capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        assert done.returncode == 0, done.stderr
+        print(f"import_mbox_{args.messages}: {args.messages / elapsed:.0f} messages/s "
+              f"({done.stdout.strip()})")
+
+
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
-              "upload": bench_upload, "store": bench_store, "mailbox": bench_mailbox}
+              "upload": bench_upload, "store": bench_store, "mailbox": bench_mailbox,
+              "lmtp": bench_lmtp, "import": bench_import}
 
 
 def main():
@@ -331,6 +395,7 @@ def main():
     parser.add_argument("--upload-mb", type=int, default=100, help="upload size in MiB")
     parser.add_argument("--messages", type=int, default=10_000, help="messages to store")
     parser.add_argument("--mailbox", type=int, default=100_000, help="messages in the mailbox")
+    parser.add_argument("--lmtp-messages", type=int, default=2000, help="messages sent by LMTP")
     parser.add_argument("--reuse", metavar="DIR", help="build the mailbox in DIR once and "
                         "measure it again on later runs (the user is bench@example.com)")
     args = parser.parse_args()
