@@ -268,7 +268,6 @@ def test_cli_user_del_purge(cli_server):
     assert login_status(cli_server.url, username, PASSWORD) == 401
 
 
-@pytest.mark.skip(reason="needs Email (mail issue)")
 def test_cli_user_del_with_mail_needs_purge(cli_server):
     username = add_user(cli_server.data_dir, new_name("mailholder"))
     client = Client(cli_server.url, username)
