@@ -834,6 +834,9 @@ def db_open(data_dir: str, create: bool) -> peewee.SqliteDatabase:
                 "(create it with 'jmapd.py user add' or 'jmapd.py serve')"
             )
         os.makedirs(data_dir, mode=0o750, exist_ok=True)
+    elif not create and not os.path.exists(db_path(data_dir)):
+        raise DataDirMissing(  # an empty mount point: the disk is not mounted
+            f"no jmapd database in {data_dir!r} (not mounted, or not a data directory)")
     database = peewee.SqliteDatabase(
         db_path(data_dir),
         pragmas={
@@ -5356,13 +5359,31 @@ class LmtpSession:
         self.writer.write(text.encode() + b"\r\n")
         self.writer.flush()
 
+    def read_line(self) -> tuple[bytes | None, bool]:
+        """One whole line (None at end of input) and whether it was too long.
+
+        A long line is read to its end and cut, never split: a piece of it that looks
+        like `.` must not end a message (RFC 5321 §4.5.3.1.6, smuggling).
+        """
+        line = self.reader.readline(LMTP_MAX_LINE + 1)
+        if not line:
+            return None, False
+        if line.endswith(b"\n") or len(line) <= LMTP_MAX_LINE:
+            return line, False
+        while True:  # too long: the rest of the line is read and dropped
+            more = self.reader.readline(LMTP_MAX_LINE + 1)
+            if not more:
+                return None, True
+            if more.endswith(b"\n"):
+                return line[:LMTP_MAX_LINE] + b"\r\n", True
+
     def run(self) -> None:
         self.reply(f"220 {self.host} LMTP jmapd ready")
         while True:
-            line = self.reader.readline(LMTP_MAX_LINE + 1)
-            if not line:
+            line, too_long = self.read_line()
+            if line is None:
                 return
-            if len(line) > LMTP_MAX_LINE:
+            if too_long:
                 self.reply("500 5.5.2 line too long")
                 continue
             verb, _, rest = line.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
@@ -5406,19 +5427,25 @@ class LmtpSession:
         elif not match:
             self.reply("501 5.5.4 syntax: MAIL FROM:<address>")
         else:
-            size = re.search(r"(?i)\bSIZE=(\d+)", match.group(2))
-            if size and int(size.group(1)) > self.app.cfg.max_size_upload:
+            params = dict(p.upper().partition("=")[::2] for p in match.group(2).split())
+            if set(params) - {"SIZE", "BODY"} or params.get("BODY", "7BIT") not in (
+                    "7BIT", "8BITMIME") or not params.get("SIZE", "0").isdigit():
+                self.reply("555 5.5.4 parameter not recognised")  # RFC 5321 §4.1.1.11
+                return
+            if int(params.get("SIZE", "0")) > self.app.cfg.max_size_upload:
                 self.reply("552 5.3.4 message too big")
                 return
             self.sender = match.group(1)
             self.reply("250 2.1.0 OK")
 
     def rcpt(self, rest: str) -> None:
-        match = re.match(r"(?i)TO:\s*<([^>]+)>", rest)
+        match = re.match(r"(?i)TO:\s*<([^>]+)>(.*)$", rest)
         if self.sender is None:
             self.reply("503 5.5.1 MAIL first")
         elif not match:
             self.reply("501 5.5.4 syntax: RCPT TO:<address>")
+        elif match.group(2).strip():
+            self.reply("555 5.5.4 parameter not recognised")  # RFC 5321 §4.1.1.11
         elif len(self.recipients) >= LMTP_MAX_RECIPIENTS:
             self.reply("452 4.5.3 too many recipients")
         else:
@@ -5438,33 +5465,43 @@ class LmtpSession:
             self.reply("503 5.5.1 no valid recipients")
             return
         self.reply("354 go ahead, end with <CRLF>.<CRLF>")
-        raw, too_big = self.read_message()
+        raw, problem = self.read_message()
+        if raw is None:
+            raise ConnectionError("the connection ended inside DATA")  # RFC 5321 §4.1.1.10
         for address, account, detail in self.recipients:
-            self.reply(self.deliver_one(raw, too_big, address, account, detail))
+            self.reply(problem or self.deliver_one(raw, address, account, detail))
         self.reset()
 
-    def read_message(self) -> tuple[bytes, bool]:
-        """Read DATA up to the lone dot, undoing dot-stuffing (RFC 5321 §4.5.2)."""
-        lines, size, limit = [], 0, self.app.cfg.max_size_upload
+    def read_message(self) -> tuple[bytes | None, str | None]:
+        """Read DATA up to CRLF.CRLF, undoing dot-stuffing (RFC 5321 §4.5.2).
+
+        Return (message, None), (message, the reply that refuses it) or (None, None)
+        when the connection ended first: then nothing is delivered.
+        """
+        lines, size, limit, problem = [], 0, self.app.cfg.max_size_upload, None
         while True:
-            line = self.reader.readline(LMTP_MAX_LINE + 1)
-            if not line or line in (b".\r\n", b".\n"):
+            line, too_long = self.read_line()
+            if line is None:
+                return None, None
+            if line == b".\r\n":  # only CRLF.CRLF ends it (RFC 5321 §4.1.1.4)
                 break
+            if too_long:
+                problem = "500 5.5.2 a line of the message is too long"
             if line.startswith(b"."):
                 line = line[1:]
             size += len(line)
             if size <= limit:
                 lines.append(line)
-        return self.trace_headers() + b"".join(lines), size > limit
+            else:
+                problem = "552 5.3.4 message too big"
+        return self.trace_headers() + b"".join(lines), problem
 
     def trace_headers(self) -> bytes:
         stamp = datetime.now(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
         return (f"Return-Path: <{self.sender}>\r\nReceived: from {self.peer} by {self.host} "
                 f"(jmapd) with LMTP; {stamp}\r\n").encode()
 
-    def deliver_one(self, raw: bytes, too_big: bool, address: str, account, detail) -> str:
-        if too_big:
-            return "552 5.3.4 message too big"
+    def deliver_one(self, raw: bytes, address: str, account, detail) -> str:
         try:
             deliver_check_space(self.app.cfg.data_dir, len(raw))
             mailbox_pk = deliver_mailbox(account.pk, detail)
@@ -5492,7 +5529,7 @@ def lmtp_start(app, sockets: list) -> list:
             peer = self.client_address[0] if isinstance(self.client_address, tuple) else "local"
             try:
                 LmtpSession(app, self.rfile, self.wfile, str(peer)).run()
-            except (OSError, socket.timeout) as exc:
+            except (OSError, socket.timeout, ConnectionError) as exc:
                 log.getChild("lmtp").info("connection from %s ended: %s", peer, exc)
 
     servers = []
@@ -6020,8 +6057,10 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
         if len(raw) > cfg.max_size_upload:
             print("jmapd: message too big", file=sys.stderr)
             return 73  # EX_CANTCREAT: a permanent refusal the MTA reports
+        if not cfg.user:
+            raise DeliveryTemporaryError("--user is missing (a configuration mistake)")
         db_open(cfg.data_dir, create=False)
-        found = deliver_recipient(cfg.user or "")
+        found = deliver_recipient(cfg.user)
         if found is None:
             print(f"jmapd: no such user {cfg.user!r}", file=sys.stderr)
             return EX_NOUSER
@@ -6334,6 +6373,8 @@ def cmd_serve(cfg: Config) -> int:
     waitress_run_until(server, stopping, on_stop=lambda: _serve_stopping(app))
     for lmtp in lmtp_servers:
         lmtp.shutdown()  # a delivery under way finishes; its MTA gets its answer
+    if cfg.lmtp_socket and os.path.exists(cfg.lmtp_socket):
+        os.unlink(cfg.lmtp_socket)
     app.bus.stop()
     db.close()
     if cfg.unix_socket and os.path.exists(cfg.unix_socket):
