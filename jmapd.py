@@ -137,6 +137,7 @@ def waitress_server(app, *, sockets: list, threads: int, max_body: int):
             _dispatcher=first.task_dispatcher if first else None,
             sockets=[sock],
             threads=threads,
+            channel_request_lookahead=1,  # lets a push stream learn that its client left
             ident="jmapd",
             channel_timeout=300,
             max_request_body_size=max_body,
@@ -3194,9 +3195,15 @@ def push_state_changes(before: dict, after: dict, types) -> dict:
     return changed
 
 
+KEEPALIVE_S = 5  # with ping=0, an SSE comment now and then shows a closed client
+
+
 def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s: int,
-                      last_event_id: str | None):
-    """Yield text/event-stream chunks until closed, stopped or (closeafter) one state sent."""
+                      last_event_id: str | None, gone: Callable = lambda: False):
+    """Yield text/event-stream chunks until closed, stopped or (closeafter) one state sent.
+
+    `gone` tells whether the client has hung up (waitress's client_disconnected).
+    """
     accounts = {a.pk: a.id for a, _ in app.accessible_accounts(user).values()}
     versions = {pk: app.bus.snapshot(pk)[0] for pk in accounts}
     sent = {accounts[pk]: app.bus.snapshot(pk)[1] for pk in accounts}
@@ -3205,8 +3212,8 @@ def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s
         sent = {a: {t: s for t, s in st.items() if int(s) <= seen.get(a, -1)}
                 for a, st in sent.items()}
     yield ": jmapd event stream\n\n"
-    last_event = time.monotonic()
-    while not app.bus.stopping.is_set():
+    last_event = last_write = time.monotonic()
+    while not app.bus.stopping.is_set() and not gone():
         now = {accounts[pk]: app.bus.snapshot(pk)[1] for pk in accounts}
         changed = push_state_changes(sent, now, types)
         if changed:
@@ -3219,9 +3226,12 @@ def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s
             continue
         if ping_s and time.monotonic() - last_event >= ping_s:
             yield f"event: ping\ndata: {json_dumps({'interval': ping_s})}\n\n"
-            last_event = time.monotonic()
-        wait_s = ping_s - (time.monotonic() - last_event) if ping_s else 30
-        moved = app.bus.wait_any(versions, max(0.01, wait_s))
+            last_event = last_write = time.monotonic()
+        elif not ping_s and time.monotonic() - last_write >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"  # a comment, not an event (RFC 8620 §7.3: no pings)
+            last_write = time.monotonic()
+        wait_s = ping_s - (time.monotonic() - last_event) if ping_s else KEEPALIVE_S
+        moved = app.bus.wait_any(versions, min(1.0, max(0.01, wait_s)))
         if moved != versions:
             versions = moved
             time.sleep(COALESCE_S)
@@ -5587,7 +5597,16 @@ class App:
         self.inflight_lock = threading.Lock()
         self.inflight: dict[tuple, int] = {}
         self.request_ids = itertools.count(1)
+        self.push_streams = 0
+        self.workers = None  # waitress's task dispatcher, once serve has made it
         self.wsgi = http_middleware(self, http_routes(self))
+
+    def push_streams_changed(self, delta: int) -> None:
+        """Keep cfg.threads workers free for ordinary requests while push streams are open."""
+        with self.inflight_lock:
+            self.push_streams += delta
+            if self.workers is not None:
+                self.workers.set_thread_count(self.cfg.threads + self.push_streams)
 
     def accessible_accounts(self, user: Account) -> dict:
         """Map account id -> (Account, read_only) for every account the user may use."""
@@ -5803,14 +5822,18 @@ def http_eventsource(app: App):
     ping_s = min(max(int(ping), PING_MIN_S), PING_MAX_S) if int(ping) else 0
     slot = _Slot(app, user, "eventSource", app.cfg.max_push_connections)
     slot.__enter__()  # a 400 limit problem when the user has too many streams open
+    environ = bottle.request.environ
+    gone = environ.get("waitress.client_disconnected") or (lambda: False)
+    app.push_streams_changed(+1)  # the stream holds a worker: add one so others are served
 
     def stream():
         try:
             for chunk in push_event_stream(app, user, types, closeafter == "state", ping_s,
-                                           bottle.request.environ.get("HTTP_LAST_EVENT_ID")):
+                                           environ.get("HTTP_LAST_EVENT_ID"), gone):
                 yield chunk.encode()
         finally:
             slot.__exit__(None, None, None)
+            app.push_streams_changed(-1)
 
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}  # nginx: pass events on at once
@@ -6363,6 +6386,7 @@ def cmd_serve(cfg: Config) -> int:
                      name="housekeeping").start()
     server = waitress_server(app.wsgi, sockets=sockets, threads=cfg.threads,
                              max_body=2 * max(cfg.max_size_upload, cfg.max_size_request) + 2**20)
+    app.workers = server.task_dispatcher
     host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("jmapd %s listening on http://%s:%d/ (ready in %.0f ms)",
