@@ -6297,27 +6297,36 @@ def serve_first_user(app: App) -> None:
         return
 
 
-def serve_bind(cfg: Config) -> list[socket.socket]:
-    """Bind the TCP listener (and the Unix socket, if asked for)."""
-    host, port = cfg.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def serve_listen_tcp(address: tuple, what: str) -> socket.socket:
+    """Bind and listen on HOST:PORT (IPv4 or IPv6); a taken address is a ConfigError."""
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from exc
     sock.listen(128)
-    sockets = [sock]
+    return sock
+
+
+def serve_listen_unix(path: str) -> socket.socket:
+    """Bind and listen on a Unix socket the local proxy or MTA reaches by group (0660)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+def serve_bind(cfg: Config) -> list[socket.socket]:
+    """Bind the HTTP listener (and the Unix socket, if asked for)."""
+    sockets = [serve_listen_tcp(cfg.listen, "HTTP")]
     if cfg.unix_socket:
-        if os.path.exists(cfg.unix_socket):
-            os.unlink(cfg.unix_socket)
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind(cfg.unix_socket)
-        os.chmod(cfg.unix_socket, 0o660)  # the proxy reaches it through group membership
-        unix.listen(128)
-        sockets.append(unix)
+        sockets.append(serve_listen_unix(cfg.unix_socket))
     return sockets
 
 
@@ -6325,24 +6334,10 @@ def serve_bind_lmtp(cfg: Config) -> list[socket.socket]:
     """Bind the LMTP listeners asked for (--lmtp, --lmtp-socket)."""
     sockets = []
     if cfg.lmtp:
-        host, port = cfg.lmtp
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen for LMTP on {host}:{port}: {exc.strerror}") from exc
-        sock.listen(64)
-        sockets.append(sock)
-        log.info("LMTP on %s:%d", *sock.getsockname()[:2])
+        sockets.append(serve_listen_tcp(cfg.lmtp, "LMTP"))
+        log.info("LMTP on %s:%d", *sockets[-1].getsockname()[:2])
     if cfg.lmtp_socket:
-        if os.path.exists(cfg.lmtp_socket):
-            os.unlink(cfg.lmtp_socket)
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind(cfg.lmtp_socket)
-        os.chmod(cfg.lmtp_socket, 0o660)  # the MTA reaches it through group membership
-        unix.listen(64)
-        sockets.append(unix)
+        sockets.append(serve_listen_unix(cfg.lmtp_socket))
         log.info("LMTP on %s", cfg.lmtp_socket)
     return sockets
 

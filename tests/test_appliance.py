@@ -606,6 +606,31 @@ def proxied(tmp_path_factory):
         setup.stop()
 
 
+def check_session_urls_on_proxy(proxy):
+    """Every session URL is https on the proxy's host:port, and the apiUrl works."""
+    session = proxy.client().session
+    assert session["apiUrl"] == f"{proxy.base}/jmap/api/"
+    for key in ("downloadUrl", "uploadUrl", "eventSourceUrl"):
+        assert session[key].startswith(f"{proxy.base}/jmap/"), session[key]
+    client = proxy.client()
+    assert client.ok("Core/echo", {"via": "session apiUrl"}, using=[CORE]) == {
+        "via": "session apiUrl"}
+
+
+def check_api_call_through_proxy(proxy):
+    """A two-call API request through the proxy is answered in full."""
+    client = proxy.client()
+    r = client.http.post(proxy.base + "/jmap/api/", timeout=30, json={
+        "using": USING, "methodCalls": [
+            ["Core/echo", {"hello": True}, "e"],
+            ["Mailbox/get", {"accountId": client.account_id, "ids": None}, "m"]]})
+    assert r.status_code == 200, r.text
+    responses = r.json()["methodResponses"]
+    assert responses[0] == ["Core/echo", {"hello": True}, "e"]
+    assert responses[1][0] == "Mailbox/get"
+    assert "inbox" in {m["role"] for m in responses[1][1]["list"]}
+
+
 @needs_nginx
 def test_appliance_nginx_config_test_accepts_rendered_config(proxied):
     done = subprocess.run(proxied.nginx_cmd("-t"), capture_output=True, text=True, timeout=60)
@@ -623,31 +648,12 @@ def test_appliance_nginx_well_known_redirects_to_https(proxied):
 
 @needs_nginx
 def test_appliance_nginx_session_urls_are_https_on_nginx(proxied):
-    session = proxied.client().session
-    assert session["apiUrl"] == f"{proxied.base}/jmap/api/"
-    for key in ("downloadUrl", "uploadUrl", "eventSourceUrl"):
-        assert session[key].startswith(f"{proxied.base}/jmap/"), session[key]
-    client = proxied.client()
-    assert client.ok("Core/echo", {"via": "session apiUrl"}, using=[CORE]) == {
-        "via": "session apiUrl"}
+    check_session_urls_on_proxy(proxied)
 
 
 @needs_nginx
 def test_appliance_nginx_api_call(proxied):
-    client = proxied.client()
-    r = client.http.post(proxied.base + "/jmap/api/", timeout=30, json={
-        "using": USING, "methodCalls": [
-            ["Core/echo", {"hello": True}, "e"],
-            ["Mailbox/get", {"accountId": client.account_id, "ids": None}, "m"]]})
-    assert r.status_code == 200, r.text
-    responses = r.json()["methodResponses"]
-    assert responses[0] == ["Core/echo", {"hello": True}, "e"]
-    assert responses[1][0] == "Mailbox/get"
-    assert "inbox" in {m["role"] for m in responses[1][1]["list"]}
-    denied = requests.post(proxied.base + "/jmap/api/", json={}, verify=str(proxied.cert),
-                           timeout=30)
-    assert denied.status_code == 401
-    assert "WWW-Authenticate" in denied.headers
+    check_api_call_through_proxy(proxied)
 
 
 @needs_nginx
@@ -847,27 +853,12 @@ def test_appliance_caddy_well_known_redirects_to_https(caddied):
 
 @needs_caddy
 def test_appliance_caddy_session_urls_are_https_on_caddy(caddied):
-    session = caddied.client().session
-    assert session["apiUrl"] == f"{caddied.base}/jmap/api/"
-    for key in ("downloadUrl", "uploadUrl", "eventSourceUrl"):
-        assert session[key].startswith(f"{caddied.base}/jmap/"), session[key]
-    client = caddied.client()
-    assert client.ok("Core/echo", {"via": "session apiUrl"}, using=[CORE]) == {
-        "via": "session apiUrl"}
+    check_session_urls_on_proxy(caddied)
 
 
 @needs_caddy
 def test_appliance_caddy_api_call(caddied):
-    client = caddied.client()
-    r = client.http.post(caddied.base + "/jmap/api/", timeout=30, json={
-        "using": USING, "methodCalls": [
-            ["Core/echo", {"hello": True}, "e"],
-            ["Mailbox/get", {"accountId": client.account_id, "ids": None}, "m"]]})
-    assert r.status_code == 200, r.text
-    responses = r.json()["methodResponses"]
-    assert responses[0] == ["Core/echo", {"hello": True}, "e"]
-    assert responses[1][0] == "Mailbox/get"
-    assert "inbox" in {m["role"] for m in responses[1][1]["list"]}
+    check_api_call_through_proxy(caddied)
     denied = caddied.http().post(caddied.base + "/jmap/api/", json={}, timeout=30)
     assert denied.status_code == 401
     assert "WWW-Authenticate" in denied.headers
