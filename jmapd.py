@@ -247,11 +247,17 @@ def _waitress_idle(server, channels: dict) -> bool:
 
 CAP_CORE = "urn:ietf:params:jmap:core"
 CAP_MAIL = "urn:ietf:params:jmap:mail"
+CAP_SUBMISSION = "urn:ietf:params:jmap:submission"
+CAP_VACATION = "urn:ietf:params:jmap:vacationresponse"
 
 PROBLEM_PREFIX = "urn:ietf:params:jmap:error:"
 
 MAX_SIZE_MAILBOX_NAME = 255  # RFC 8621 §1.3.1: at least 100 octets
 MAX_MAILBOX_DEPTH = 10
+MAX_MAILBOXES_PER_EMAIL = 100  # maxMailboxesPerEmail; more is tooManyMailboxes (RFC 8621 §4.6)
+MAX_KEYWORDS_PER_EMAIL = 100  # more is tooManyKeywords (RFC 8621 §4.6)
+MAX_IDENTITIES = 100  # per account
+MAX_EMAIL_CREATE_PARTS = 500  # body parts in one created Email
 MAX_ID_LENGTH = 255  # RFC 8620 §1.2
 MAX_INT = 2**53 - 1  # RFC 8620 §1.3
 MAX_SORT_ORDER = 2**31 - 1  # RFC 8621 §2: sortOrder < 2^31
@@ -605,6 +611,8 @@ OPTIONS = (
         ("user add", "user passwd"), action="store_true"),
     Opt("--purge", False, None, "delete the account even if it holds data",
         ("user del",), action="store_true"),
+    Opt("--read-only", False, None, "the grantee may read but not change anything",
+        ("user share",), action="store_true"),
     Opt("--test-cheap-hashing", False, None, argparse.SUPPRESS, (GLOBAL,), hidden=True,
         action="store_true"),
     Opt("--test-now", None, conv_test_now, argparse.SUPPRESS, (GLOBAL,), hidden=True),
@@ -645,6 +653,8 @@ class Config:
     path: str | None = None
     password_stdin: bool = False
     purge: bool = False
+    read_only: bool = False
+    grantee: str | None = None
     test_cheap_hashing: bool = False
     test_now: float | None = None
     username: str | None = None
@@ -716,6 +726,12 @@ COMMANDS = (
     ("user alias del", "remove an alias",
      (("username", "ADDRESS", "the user"), ("alias", "ALIAS", "the other address"))),
     ("user alias list", "list a user's aliases", (("username", "ADDRESS", "the user"),)),
+    ("user share", "give GRANTEE access to OWNER's mail account (again: change the access)",
+     (("username", "OWNER", "the account's user"), ("grantee", "GRANTEE", "who may use it"))),
+    ("user unshare", "take back a share",
+     (("username", "OWNER", "the account's user"), ("grantee", "GRANTEE", "who had it"))),
+    ("user shares", "list the accounts a user shares and is shared",
+     (("username", "ADDRESS", "the user"),)),
     ("deliver", "store one message from stdin (for an MTA or fetchmail); exit 75 to retry", ()),
     ("import", "import mbox files, Maildirs or folders of .eml files",
      (("paths", "PATH", "an mbox file, a Maildir or a folder of .eml files"),)),
@@ -990,6 +1006,44 @@ class Alias(BaseModel):
     account_pk = peewee.IntegerField()
 
 
+class AccountShare(BaseModel):
+    """OWNER's mail account shared with GRANTEE (`user share`)."""
+
+    owner_pk = peewee.IntegerField()
+    grantee_pk = peewee.IntegerField()
+    read_only = peewee.BooleanField()
+
+    class Meta:
+        table_name = "account_share"
+        primary_key = peewee.CompositeKey("owner_pk", "grantee_pk")
+
+
+class Identity(JmapRow):
+    """An address the account sends as (RFC 8621 §6)."""
+
+    name = peewee.TextField(default="")
+    email = peewee.TextField()
+    reply_to = peewee.TextField(null=True)  # JSON EmailAddress[] or NULL
+    bcc = peewee.TextField(null=True)
+    text_signature = peewee.TextField(default="")
+    html_signature = peewee.TextField(default="")
+    may_delete = peewee.BooleanField(default=True)
+
+
+class VacationResponse(JmapRow):
+    """The account's one vacation auto-reply setting (RFC 8621 §8)."""
+
+    is_enabled = peewee.BooleanField(default=False)
+    from_date = peewee.IntegerField(null=True)
+    to_date = peewee.IntegerField(null=True)
+    subject = peewee.TextField(null=True)
+    text_body = peewee.TextField(null=True)
+    html_body = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "vacation_response"
+
+
 class Blob(BaseModel):
     """One stored blob file, named by its SHA-256."""
 
@@ -1176,12 +1230,57 @@ def _migration_5_aliases(database) -> None:
         ) WITHOUT ROWID""")
 
 
+def _migration_6_sharing_identities_vacation(database) -> None:
+    jmap_columns = """created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER"""
+    for statement in (
+        """CREATE TABLE account_share (
+            owner_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            grantee_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            read_only INTEGER NOT NULL,
+            PRIMARY KEY (owner_pk, grantee_pk)) WITHOUT ROWID""",
+        "CREATE INDEX account_share_grantee ON account_share(grantee_pk)",
+        f"""CREATE TABLE identity (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            name TEXT NOT NULL DEFAULT '',
+            email TEXT NOT NULL,
+            reply_to TEXT,
+            bcc TEXT,
+            text_signature TEXT NOT NULL DEFAULT '',
+            html_signature TEXT NOT NULL DEFAULT '',
+            may_delete INTEGER NOT NULL DEFAULT 1,
+            {jmap_columns})""",
+        "CREATE INDEX identity_changes ON identity(account_pk, updated_modseq)",
+        f"""CREATE TABLE vacation_response (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL UNIQUE REFERENCES account(pk) ON DELETE CASCADE,
+            is_enabled INTEGER NOT NULL DEFAULT 0,
+            from_date INTEGER,
+            to_date INTEGER,
+            subject TEXT,
+            text_body TEXT,
+            html_body TEXT,
+            {jmap_columns})""",
+        # Existing accounts get their default Identity and VacationResponse as if they
+        # had always had them (modseq 0: older than any state a client holds).
+        "INSERT INTO identity (account_pk, email, may_delete, created_modseq, updated_modseq) "
+        "SELECT pk, username, 0, 0, 0 FROM account",
+        "INSERT INTO vacation_response (account_pk, created_modseq, updated_modseq) "
+        "SELECT pk, 0, 0 FROM account",
+    ):
+        database.execute_sql(statement)
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
     (3, "email and thread", _migration_3_email),
     (4, "email search", _migration_4_email_search),
     (5, "aliases", _migration_5_aliases),
+    (6, "sharing, identities, vacation response", _migration_6_sharing_identities_vacation),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1721,37 +1820,39 @@ def auth_token_create(auth: Authenticator, account: Account, label: str, now: fl
     return f"{public_id}.{secret}"
 
 
-def session_account_capabilities(app) -> dict:
-    """The capabilities every account has, with their per-account values."""
+def session_account_capabilities(app, read_only: bool = False) -> dict:
+    """The capabilities an account has, with their per-account values (RFC 8621 §1.3)."""
     return {
         CAP_CORE: {},
         CAP_MAIL: {
-            "maxMailboxesPerEmail": None,
+            "maxMailboxesPerEmail": MAX_MAILBOXES_PER_EMAIL,
             "maxMailboxDepth": MAX_MAILBOX_DEPTH,
             "maxSizeMailboxName": MAX_SIZE_MAILBOX_NAME,
             "maxSizeAttachmentsPerEmail": app.cfg.max_size_upload,
-            "emailQuerySortOptions": [],
-            "mayCreateTopLevelMailbox": True,
+            "emailQuerySortOptions": sorted(EMAIL_SORTS),
+            "mayCreateTopLevelMailbox": not read_only,
         },
+        CAP_SUBMISSION: {"maxDelayedSend": 0, "submissionExtensions": {}},
+        CAP_VACATION: {},
     }
 
 
 def session_resource(app, user: Account, base_url: str) -> dict:
     """Build the JMAP Session object (RFC 8620 §2) for a user."""
-    account_caps = session_account_capabilities(app)
     accounts = {
         account.id: {
             "name": account.username,
             "isPersonal": account.pk == user.pk,
             "isReadOnly": read_only,
-            "accountCapabilities": account_caps,
+            "accountCapabilities": session_account_capabilities(app, read_only),
         }
         for account, read_only in app.accessible_accounts(user).values()
     }
     session = {
-        "capabilities": {CAP_CORE: app.cfg.limits.as_capability(), CAP_MAIL: {}},
+        "capabilities": {CAP_CORE: app.cfg.limits.as_capability(), CAP_MAIL: {},
+                         CAP_SUBMISSION: {}, CAP_VACATION: {}},
         "accounts": accounts,
-        "primaryAccounts": {CAP_MAIL: user.id},
+        "primaryAccounts": {CAP_MAIL: user.id, CAP_SUBMISSION: user.id, CAP_VACATION: user.id},
         "username": user.username,
         "apiUrl": f"{base_url}/jmap/api/",
         "downloadUrl": f"{base_url}/jmap/download/{{accountId}}/{{blobId}}/{{name}}?type={{type}}",
@@ -2045,7 +2146,7 @@ def _use_account(ctx: Call, method: Method, raw_account_id) -> None:
     if found is None:
         raise MethodError("accountNotFound", f"no account {raw_account_id!r}")
     account, read_only = found
-    if method.capability not in session_account_capabilities(ctx.app):
+    if method.capability not in session_account_capabilities(ctx.app, read_only):
         raise MethodError("accountNotSupportedByMethod")
     if method.writes and read_only:
         raise MethodError("accountReadOnly")
@@ -2171,6 +2272,7 @@ class Prop:
     max_len: int | None = None  # octets, for strings
     max_value: int | None = None
     check: Callable | None = None  # extra value check raising ValueError
+    json: bool = False  # the column holds the value as JSON text
 
 
 PROP_KIND_CHECKS = {
@@ -2251,8 +2353,12 @@ class TypeSpec:
         return model.select().where(
             (model.account_pk == ctx.account.pk) & (model.destroyed == False))  # noqa: E712
 
+    def pk_of(self, ctx: Call, raw_id) -> int | None:
+        """The key an id (or "#creationId") names, None if it names nothing of ours."""
+        return pk_from_id(self.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+
     def load(self, ctx: Call, raw_id) -> JmapRow | None:
-        pk = pk_from_id(self.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        pk = self.pk_of(ctx, raw_id)
         if pk is None:
             return None
         return self.live(ctx).where(self.model.pk == pk).first()
@@ -2273,6 +2379,8 @@ class TypeSpec:
                 value = bool(value)
             elif prop.kind == "utcdate" and value is not None:
                 value = utc_date(value)
+            elif prop.json and value is not None:
+                value = json.loads(value)
             obj[name] = value
         return obj
 
@@ -2371,8 +2479,7 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     ids = list(dict.fromkeys(args["ids"]))  # RFC 8620 §5.1: duplicates answered once
     if len(ids) > ctx.limits.max_objects_in_get:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
-    wanted_pks = {raw_id: pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or "")
-                  for raw_id in ids}
+    wanted_pks = {raw_id: spec.pk_of(ctx, raw_id) for raw_id in ids}
     pks = [pk for pk in wanted_pks.values() if pk is not None]
     rows = {row.pk: row for row in spec.live(ctx).where(spec.model.pk.in_(pks))} if pks else {}
     spec.prefetch(ctx, list(rows.values()), wanted)
@@ -2500,7 +2607,7 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     for raw_id, patch in update.items():
         _record_outcome(result, "updated", "notUpdated", raw_id,
                         lambda: set_update_one(spec, ctx, raw_id, patch, will_destroy))
-        ctx.pending.pop(pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or ""), None)
+        ctx.pending.pop(spec.pk_of(ctx, raw_id), None)
     for raw_id in spec.destroy_order(ctx, destroy):
         _record_outcome(result, "destroyed", "notDestroyed", raw_id,
                         lambda: set_destroy_one(spec, ctx, raw_id, args))
@@ -2546,11 +2653,11 @@ def _pending_changes(spec: TypeSpec, ctx: Call, update: dict, destroy: list) -> 
     """
     pending = {}
     for raw_id, patch in update.items():
-        pk = pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        pk = spec.pk_of(ctx, raw_id)
         if pk is not None and isinstance(patch, dict):
             pending[pk] = {key.split("/")[0] for key in patch}
     for raw_id in destroy:
-        pk = pk_from_id(spec.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        pk = spec.pk_of(ctx, raw_id)
         if pk is not None:
             pending[pk] = {"*"}
     return pending
@@ -2734,6 +2841,8 @@ def _columns(spec: TypeSpec, values: dict) -> dict:
             value = pk_from_id(TYPES[prop.ref].id_prefix, value)
         elif prop.kind == "utcdate" and value is not None:
             value = int(parse_utc_date(value))
+        elif prop.json and value is not None:
+            value = json_dumps(value)
         columns[prop.column] = value
     return columns
 
@@ -2931,7 +3040,7 @@ def _query_position(spec: TypeSpec, ctx: Call, args: dict, pks: list) -> int:
     if args["anchor"] is None:
         position = args["position"]
         return max(0, len(pks) + position) if position < 0 else position
-    anchor = pk_from_id(spec.id_prefix, resolve_creation_id(ctx, args["anchor"]) or "")
+    anchor = spec.pk_of(ctx, args["anchor"])
     try:
         index = pks.index(anchor)
     except ValueError:
@@ -4379,7 +4488,6 @@ DEFAULT_BODY_PROPERTIES = ["partId", "blobId", "size", "name", "type", "charset"
                            "disposition", "cid", "language", "location"]
 KEYWORD_RE = re.compile(r'^[\x21-\x7e]{1,255}$')
 KEYWORD_FORBIDDEN = set('(){]%*"\\')
-MAX_KEYWORDS_PER_EMAIL = 100
 
 
 def _keywords(value) -> dict:
@@ -5109,6 +5217,125 @@ def search_preview(body: str, terms: list) -> str | None:
 
 
 # =============================================================================
+# 7.6 IDENTITY
+#     RFC 8621 §6: the addresses an account sends as. Every account has a default
+#     Identity for its own address (mayDelete false); more may be made for the
+#     account's own address and its aliases, never for another's (forbiddenFrom).
+# =============================================================================
+
+
+def email_address_list(value) -> list:
+    """Check an EmailAddress[] (RFC 8621 §4.1.2.3) and return it with every name present."""
+    if not isinstance(value, list) or len(value) > MAX_IDENTITIES:
+        raise ValueError("an array of EmailAddress objects")
+    out = []
+    for item in value:
+        if (not isinstance(item, dict) or set(item) - {"name", "email"}
+                or not isinstance(item.get("email"), str)
+                or not isinstance(item.get("name"), (str, type(None)))):
+            raise ValueError("an EmailAddress is {name, email}")
+        out.append({"name": item.get("name"), "email": item["email"]})
+    return out
+
+
+def account_addresses(account_pk: int) -> set:
+    """The addresses an account owns: its username and its aliases, in lower case."""
+    rows = db.execute_sql("SELECT username FROM account WHERE pk = ? UNION "
+                          "SELECT address FROM alias WHERE account_pk = ?",
+                          (account_pk, account_pk))
+    return {address.lower() for (address,) in rows}
+
+
+def _identity_email(value: str) -> str:
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in value):
+        raise ValueError("an e-mail address")
+    return value
+
+
+@register_type
+class IdentityType(TypeSpec):
+    """Identity (RFC 8621 §6)."""
+
+    name, capability, model, id_prefix = "Identity", CAP_SUBMISSION, Identity, "I"
+    methods = ("get", "changes", "set")
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "name": Prop("str", "name", default="", max_len=255),
+        "email": Prop("str", "email", immutable=True, max_len=255, check=_identity_email),
+        "replyTo": Prop("list", "reply_to", default=None, nullable=True, json=True,
+                        check=email_address_list),
+        "bcc": Prop("list", "bcc", default=None, nullable=True, json=True,
+                    check=email_address_list),
+        "textSignature": Prop("str", "text_signature", default="", max_len=65536),
+        "htmlSignature": Prop("str", "html_signature", default="", max_len=65536),
+        "mayDelete": Prop("bool", "may_delete", server_set=True),
+    }
+
+    def validate(self, ctx, values, row):
+        if row is not None:
+            return
+        if values["email"].lower() not in account_addresses(ctx.account.pk):
+            raise SetError("forbiddenFrom", f"this account may not send as {values['email']}")
+        if self.live(ctx).count() >= MAX_IDENTITIES:
+            raise SetError("overQuota", f"at most {MAX_IDENTITIES} identities")
+
+    def on_destroy(self, ctx, row, args):
+        if not row.may_delete:
+            raise SetError("forbidden", "the account's own address cannot be deleted")
+
+
+def identity_create_default(changes: ChangeLog, account: Account) -> None:
+    row = Identity(account_pk=account.pk, email=account.username, may_delete=False)
+    record_change(changes, "Identity", row, "created")
+
+
+# =============================================================================
+# 7.7 VACATIONRESPONSE
+#     RFC 8621 §8: one object per account, id "singleton". The auto-reply itself is
+#     sent by delivery (section 8).
+# =============================================================================
+
+SINGLETON_ID = "singleton"
+
+
+@register_type
+class VacationResponseType(TypeSpec):
+    """VacationResponse (RFC 8621 §8): a singleton with get and set."""
+
+    name, capability, model, id_prefix = "VacationResponse", CAP_VACATION, VacationResponse, "V"
+    methods = ("get", "set")
+    singleton = True
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "isEnabled": Prop("bool", "is_enabled", default=False),
+        "fromDate": Prop("utcdate", "from_date", default=None, nullable=True),
+        "toDate": Prop("utcdate", "to_date", default=None, nullable=True),
+        "subject": Prop("str", "subject", default=None, nullable=True, max_len=998),
+        "textBody": Prop("str", "text_body", default=None, nullable=True, max_len=65536),
+        "htmlBody": Prop("str", "html_body", default=None, nullable=True, max_len=262144),
+    }
+
+    def id_of(self, pk):
+        return SINGLETON_ID
+
+    def pk_of(self, ctx, raw_id):
+        if raw_id != SINGLETON_ID:
+            return None
+        return self.live(ctx).select(self.model.pk).scalar()
+
+
+def vacation_create(changes: ChangeLog, account_pk: int) -> None:
+    record_change(changes, "VacationResponse", VacationResponse(account_pk=account_pk), "created")
+
+
+def vacation_active(row: VacationResponse, at: float) -> bool:
+    """Whether mail arriving at `at` gets the reply (RFC 8621 §8: from inclusive, to not)."""
+    return bool(row.is_enabled) and (row.from_date is None or row.from_date <= at) and (
+        row.to_date is None or at < row.to_date)
+
+
+# =============================================================================
 # 7.8 SEARCH
 #     SQLite FTS5 (contentless) over subject, addresses and body text, written in
 #     the same transaction as the Email, so mail is searchable once stored. Query
@@ -5611,7 +5838,7 @@ class App:
                                cfg.max_login_failures_per_user)
         self.auth = Authenticator(cfg.test_cheap_hashing, self.clock, limiter)
         self.bus = ChangeBus()
-        self.capabilities = {CAP_CORE, CAP_MAIL}
+        self.capabilities = {CAP_CORE, CAP_MAIL, CAP_SUBMISSION, CAP_VACATION}
         self.inflight_lock = threading.Lock()
         self.inflight: dict[tuple, int] = {}
         self.request_ids = itertools.count(1)
@@ -5627,8 +5854,15 @@ class App:
                 self.workers.set_thread_count(self.cfg.threads + self.push_streams)
 
     def accessible_accounts(self, user: Account) -> dict:
-        """Map account id -> (Account, read_only) for every account the user may use."""
-        return {user.id: (user, False)}
+        """Map account id -> (Account, read_only): the user's own and those shared with them."""
+        found = {user.id: (user, False)}
+        shared = db.execute_sql(  # plain SQL: asked once per method call
+            "SELECT a.pk, a.username, s.read_only FROM account_share s JOIN account a "
+            "ON a.pk = s.owner_pk WHERE s.grantee_pk = ? ORDER BY a.pk", (user.pk,))
+        for pk, username, read_only in shared:
+            account = Account(pk=pk, username=username)
+            found[account.id] = (account, bool(read_only))
+        return found
 
     def session_state_for(self, user: Account) -> str:
         return session_resource(self, user, "")["state"]
@@ -5973,6 +6207,8 @@ def account_create(auth: Authenticator, username: str, password: str, now: float
         )
         changes = ChangeLog(account.pk, now)
         mailbox_create_defaults(changes, account.pk)
+        identity_create_default(changes, account)
+        vacation_create(changes, account.pk)
         changes.flush()
     return account
 
@@ -6014,6 +6250,8 @@ def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
         return cmd_user_token(cfg, auth, account, clock, stdout)
     if action.startswith("alias"):
         return cmd_user_alias(cfg, account, stdout)
+    if action in ("share", "unshare", "shares"):
+        return cmd_user_share(cfg, account, stdout)
     if action == "passwd":
         account.password_hash = auth.hash_password(cli_read_password(cfg, stdin))
         account.save()
@@ -6078,6 +6316,40 @@ def cmd_user_alias(cfg: Config, account: Account, stdout) -> int:
     if not deleted:
         raise CommandError(f"{account.username} has no alias {address}")
     print(f"alias {address} removed", file=stdout)
+    return 0
+
+
+def cmd_user_share(cfg: Config, owner: Account, stdout) -> int:
+    """Share a mail account with another user, read-write or read-only, or stop sharing."""
+    action = cfg.command.split()[-1]
+    if action == "shares":
+        rows = db.execute_sql(
+            "SELECT o.username, g.username, s.read_only FROM account_share s "
+            "JOIN account o ON o.pk = s.owner_pk JOIN account g ON g.pk = s.grantee_pk "
+            "WHERE ? IN (s.owner_pk, s.grantee_pk) ORDER BY 1, 2", (owner.pk,))
+        for owner_name, grantee_name, read_only in rows:
+            mode = "read-only" if read_only else "read-write"
+            print(f"{owner_name}\t{grantee_name}\t{mode}", file=stdout)
+        return 0
+    try:
+        name = auth_normalise_username(cfg.grantee)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    grantee = Account.get_or_none(Account.username == name)
+    if grantee is None:
+        raise CommandError(f"no user {name}")
+    if grantee.pk == owner.pk:
+        raise CommandError("a user always has their own account")
+    where = (AccountShare.owner_pk == owner.pk) & (AccountShare.grantee_pk == grantee.pk)
+    if action == "unshare":
+        if not AccountShare.delete().where(where).execute():
+            raise CommandError(f"{owner.username} is not shared with {grantee.username}")
+        print(f"{grantee.username} no longer has {owner.username}'s account", file=stdout)
+        return 0
+    AccountShare.insert(owner_pk=owner.pk, grantee_pk=grantee.pk,
+                        read_only=cfg.read_only).on_conflict_replace().execute()
+    mode = "read-only" if cfg.read_only else "read-write"
+    print(f"{grantee.username} now has {owner.username}'s account ({mode})", file=stdout)
     return 0
 
 

@@ -143,7 +143,8 @@ def test_bus_snapshot_gives_type_states(data_dir, bus):
     alice = make_account("alice@example.com")
     bus.start_watcher(str(data_dir))
     version, states = bus.snapshot(alice.pk)
-    assert set(states) == {"Mailbox"}  # account_create made the role Mailboxes
+    # account_create made the role Mailboxes, the default Identity and the VacationResponse
+    assert set(states) == {"Mailbox", "Identity", "VacationResponse"}
     assert states == stored_states(alice.pk)
     assert states["Mailbox"] != jmapd.state_string(0)
     states["Mailbox"] = "tampered"
