@@ -37,7 +37,10 @@ INDEX
     7.3 Thread
     7.4 Email
     7.5 SearchSnippet
+    7.6 Identity
+    7.7 VacationResponse
     7.8 Search (FTS5)
+    7.9 MIME writing (Email/set create)
     8   Delivery and submission
     8.1 deliver_message
     8.2 LMTP
@@ -73,6 +76,7 @@ __version__ = "0.1.0"
 
 import argparse
 import base64
+import binascii
 import dataclasses
 import functools
 import getpass
@@ -90,6 +94,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -2322,6 +2327,8 @@ class TypeSpec:
       prefetch(ctx, rows, wanted)   batch what compute() needs for a /get
       update_base(patch)            properties an update reads (Email: not its body)
       destroy_order(ctx, raw_ids)   the order to destroy in (e.g. children first)
+      create_one(ctx, cid, obj)     make one record (Email: a MIME message, not columns)
+      copy_one(ctx, src, cid, obj)  copy one record from another account
       validate_final(ctx)           check the end state of a /set (raise MethodError)
       can_calculate_changes(args)   whether /queryChanges is exact for this query
       changes_extra(ctx, since, rows)   extra /changes response members
@@ -2427,6 +2434,14 @@ class TypeSpec:
 
     def destroy_order(self, ctx: Call, raw_ids: list) -> list:
         return raw_ids
+
+    def create_one(self, ctx: Call, cid: str, raw_obj: dict) -> dict:
+        """Create one record from a client's object (a type may build it its own way)."""
+        return create_from_props(self, ctx, cid, raw_obj)
+
+    def copy_one(self, ctx: Call, src: Call, cid: str, raw_obj) -> dict:
+        """Copy one record from the from-account's context `src` (RFC 8620 §5.4)."""
+        return copy_from_props(self, ctx, src, cid, raw_obj)
 
     def validate_final(self, ctx: Call) -> None:
         pass
@@ -2692,6 +2707,11 @@ def set_create_one(spec: TypeSpec, ctx: Call, cid: str, raw_obj) -> dict:
         raise SetError("singleton", f"there is only one {spec.name}")
     if not isinstance(raw_obj, dict):
         raise invalid_properties([], "a create must be an object")
+    return spec.create_one(ctx, cid, raw_obj)
+
+
+def create_from_props(spec: TypeSpec, ctx: Call, cid: str, raw_obj: dict) -> dict:
+    """The generic create: properties checked one by one, defaults, validate(), a new row."""
     bad = [n for n in raw_obj if n not in spec.props or spec.props[n].server_set]
     values = {}
     for name, raw_value in raw_obj.items():
@@ -2919,7 +2939,7 @@ def method_copy(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     copied = []
     for cid, obj in args["create"].items():
         _record_outcome(result, "created", "notCreated", cid,
-                        lambda: _copy_one(spec, ctx, src, cid, obj))
+                        lambda: spec.copy_one(ctx, src, cid, obj))
         if cid in result["created"]:
             copied.append(obj["id"])
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
@@ -2948,12 +2968,19 @@ def _from_account(ctx: Call, raw_account_id: str) -> Call:
     return ctx.for_account(*found)
 
 
-def _copy_one(spec: TypeSpec, ctx: Call, src: Call, cid: str, raw_obj) -> dict:
+def copy_original(spec: TypeSpec, src: Call, raw_obj) -> JmapRow:
+    """The record a /copy create names in the from-account (RFC 8620 §5.4)."""
     if not isinstance(raw_obj, dict) or not isinstance(raw_obj.get("id"), str):
         raise invalid_properties(["id"], "each copy needs the id of the original")
     original = spec.load(src, raw_obj["id"])
     if original is None:
         raise SetError("notFound", f"no {spec.name} {raw_obj['id']!r} in fromAccount")
+    return original
+
+
+def copy_from_props(spec: TypeSpec, ctx: Call, src: Call, cid: str, raw_obj) -> dict:
+    """The generic copy: the original's settable properties, overridden, created anew."""
+    original = copy_original(spec, src, raw_obj)
     source = spec.to_json(src, original, list(spec.props))
     obj = {n: v for n, v in source.items() if not spec.props[n].server_set}
     obj.update({n: v for n, v in raw_obj.items() if n != "id"})
@@ -4494,8 +4521,6 @@ def _keywords(value) -> dict:
     """Check a keywords object (RFC 8621 §4.1.1) and return it in lower case."""
     if not isinstance(value, dict):
         raise ValueError("keywords must be an object")
-    if len(value) > MAX_KEYWORDS_PER_EMAIL:
-        raise ValueError("too many keywords")
     out = {}
     for keyword, flag in value.items():
         if flag is not True or not KEYWORD_RE.match(keyword) or set(keyword) & KEYWORD_FORBIDDEN:
@@ -4635,7 +4660,7 @@ class EmailType(TypeSpec):
     """Email (RFC 8621 §4). Only mailboxIds and keywords are mutable."""
 
     name, capability, model, id_prefix = "Email", CAP_MAIL, Email, "e"
-    methods = ("get", "changes", "set", "query", "queryChanges")
+    methods = ("get", "changes", "set", "copy", "query", "queryChanges")
     filters = EMAIL_FILTERS
     sorts = EMAIL_SORTS
     query_args = {"collapseThreads": (a_bool, False)}
@@ -4698,32 +4723,36 @@ class EmailType(TypeSpec):
             summary = row.__dict__["_summary"] = json.loads(row.summary)
         if name in summary:
             return summary[name]
-        root = self._parsed(ctx, row)
-        if name == "headers":
-            return [{"name": n, "value": v} for n, v in root.headers]
-        if name.startswith("header:"):
-            return mime_header_property(root.headers, name)
-        blob_base = f"P{row.blob_sha256}"
-        body_properties = getattr(ctx, "body_properties", DEFAULT_BODY_PROPERTIES)
-        if name == "bodyStructure":
-            return mime_part_json(root, blob_base, body_properties)
-        text_body, html_body, attachments = mime_body_lists(root)
-        if name == "bodyValues":
-            return email_body_values(root, text_body, html_body, getattr(ctx, "get_args", {}))
-        chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
-        return [mime_part_json(part, blob_base, body_properties) for part in chosen]
+        return email_message_property(ctx, self._parsed(ctx, row), f"P{row.blob_sha256}", name)
 
     def validate(self, ctx, values, row):
-        """mailboxIds and keywords (RFC 8621 §4.6); creating Emails is Email/import's job."""
-        if row is None:
-            # TODO(RFC 8621 §4.6): Email/set create from a JMAP structure (mail-write issue).
-            raise SetError("forbidden", "Email/set create is not available yet: use Email/import")
-        if email_mailbox_arg(ctx, values["mailboxIds"]) is None:
-            raise invalid_properties(["mailboxIds"], "at least one existing Mailbox, each true")
-        try:
-            _keywords(values["keywords"])
-        except ValueError as exc:
-            raise invalid_properties(["keywords"], str(exc)) from exc
+        """An update's mailboxIds and keywords (RFC 8621 §4.6)."""
+        email_meta(ctx, values)
+
+    def create_one(self, ctx, cid, raw_obj):
+        """Write the message a client composed and store it (RFC 8621 §4.6)."""
+        mailbox_pks, keywords, received_at = email_meta(ctx, raw_obj)
+        raw = mime_write_message(ctx, raw_obj)
+        sha, _ = blob_store_bytes(ctx.app.cfg.data_dir, raw)
+        row = email_store(ctx.changes, ctx.account.pk, sha, raw, mailbox_pks, keywords,
+                          received_at or ctx.now, ctx.now)
+        return email_created(ctx, cid, row)
+
+    def copy_one(self, ctx, src, cid, raw_obj):
+        """The same message in another account: only mailboxIds, keywords and receivedAt
+        may be set (RFC 8621 §4.7); the others come with the message."""
+        original = copy_original(self, src, raw_obj)
+        bad = sorted(set(raw_obj) - {"id", "mailboxIds", "keywords", "receivedAt"})
+        if bad:
+            raise invalid_properties(bad, "only mailboxIds, keywords and receivedAt")
+        values = {"keywords": json.loads(original.keywords),
+                  "receivedAt": utc_date(original.received_at), **raw_obj}
+        mailbox_pks, keywords, received_at = email_meta(ctx, values)
+        with blob_open(ctx.app.cfg.data_dir, original.blob_sha256) as f:
+            raw = f.read()
+        row = email_store(ctx.changes, ctx.account.pk, original.blob_sha256, raw, mailbox_pks,
+                          keywords, received_at, ctx.now)
+        return email_created(ctx, cid, row)
 
     def update_base(self, patch):
         # Only mailboxIds and keywords change; other properties a client sends along
@@ -4801,6 +4830,58 @@ class EmailType(TypeSpec):
             with blob_open(ctx.app.cfg.data_dir, row.blob_sha256) as f:
                 cache[row.pk] = mime_email(f.read())
         return cache[row.pk]
+
+
+def email_meta(ctx: Call, values: dict) -> tuple[list, dict, float | None]:
+    """Check mailboxIds, keywords and receivedAt of a new or changed Email (RFC 8621 §4.6)."""
+    bad = []
+    mailbox_pks = email_mailbox_arg(ctx, values.get("mailboxIds"))
+    if mailbox_pks is None:
+        bad.append("mailboxIds")
+    try:
+        keywords = _keywords(values.get("keywords", {}))
+    except ValueError:
+        bad.append("keywords")
+    received_at = values.get("receivedAt")
+    try:
+        received_at = None if received_at is None else parse_utc_date(received_at)
+    except (ValueError, TypeError):
+        bad.append("receivedAt")
+    if bad:
+        raise invalid_properties(bad, "mailboxIds: existing Mailboxes, each true; keywords: "
+                                      "IMAP atoms, each true; receivedAt: a UTCDate")
+    if len(set(mailbox_pks)) > MAX_MAILBOXES_PER_EMAIL:
+        raise SetError("tooManyMailboxes", f"at most {MAX_MAILBOXES_PER_EMAIL} Mailboxes")
+    if len(keywords) > MAX_KEYWORDS_PER_EMAIL:
+        raise SetError("tooManyKeywords", f"at most {MAX_KEYWORDS_PER_EMAIL} keywords")
+    return mailbox_pks, keywords, received_at
+
+
+def email_created(ctx: Call, cid: str, row: Email) -> dict:
+    """The created/copied/imported answer: id, blobId, threadId, size (RFC 8621 §4.6)."""
+    ctx.created_ids[cid] = id_for("e", row.pk)
+    return {"id": id_for("e", row.pk), "blobId": blob_id(row.blob_sha256),
+            "threadId": id_for("T", row.thread_pk), "size": row.size}
+
+
+def email_message_property(ctx: Call, root: MimePart, blob_base: str, name: str):
+    """An Email property read from the parsed message; part blob ids start with blob_base."""
+    if name in CONVENIENCE_HEADERS or name in ("hasAttachment", "preview"):
+        if "_summary" not in root.__dict__:
+            root.__dict__["_summary"] = mime_summary(root)
+        return root.__dict__["_summary"][name]
+    if name == "headers":
+        return [{"name": n, "value": v} for n, v in root.headers]
+    if name.startswith("header:"):
+        return mime_header_property(root.headers, name)
+    body_properties = getattr(ctx, "body_properties", DEFAULT_BODY_PROPERTIES)
+    if name == "bodyStructure":
+        return mime_part_json(root, blob_base, body_properties)
+    text_body, html_body, attachments = mime_body_lists(root)
+    if name == "bodyValues":
+        return email_body_values(root, text_body, html_body, getattr(ctx, "get_args", {}))
+    chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
+    return [mime_part_json(part, blob_base, body_properties) for part in chosen]
 
 
 def email_body_values(root: MimePart, text_body: list, html_body: list, args: dict) -> dict:
@@ -5025,28 +5106,85 @@ def _import_one(ctx: Call, cid: str, item) -> dict:
     raw = blob_read(ctx, item.get("blobId")) if isinstance(item.get("blobId"), str) else None
     if raw is None:
         bad.append("blobId")
-    mailbox_pks = email_mailbox_arg(ctx, item.get("mailboxIds"))
-    if mailbox_pks is None:
-        bad.append("mailboxIds")
-    try:
-        keywords = _keywords(item.get("keywords", {}))
-    except ValueError:
-        bad.append("keywords")
-    received_at = item.get("receivedAt")
-    try:
-        received_at = None if received_at is None else parse_utc_date(received_at)
-    except (ValueError, TypeError):
-        bad.append("receivedAt")
     if bad:
-        raise invalid_properties(bad)
+        raise invalid_properties(bad, "blobId must name a blob this account can read")
+    mailbox_pks, keywords, received_at = email_meta(ctx, item)
     sha = hashlib.sha256(raw).hexdigest()
     if blob_sha_from_id(item["blobId"]) != sha:  # a part of another message: store it
         blob_store_bytes(ctx.app.cfg.data_dir, raw)
     row = email_store(ctx.changes, ctx.account.pk, sha, raw, mailbox_pks, keywords,
                       received_at, ctx.now)
-    ctx.created_ids[cid] = id_for("e", row.pk)
-    return {"id": id_for("e", row.pk), "blobId": blob_id(sha),
-            "threadId": id_for("T", row.thread_pk), "size": row.size}
+    return email_created(ctx, cid, row)
+
+
+# ---- Email/parse (RFC 8621 §4.9) ----
+
+PARSE_DEFAULT_PROPERTIES = [
+    "messageId", "inReplyTo", "references", "sender", "from", "to", "cc", "bcc", "replyTo",
+    "subject", "sentAt", "hasAttachment", "preview", "bodyValues", "textBody", "htmlBody",
+    "attachments"]
+PARSE_NULL_PROPERTIES = ("id", "mailboxIds", "keywords", "receivedAt", "threadId")
+PARSE_ARGS = {
+    "accountId": (a_id, REQUIRED),
+    "blobIds": (a_ids, REQUIRED),
+    "properties": (nullable(a_strs), None),
+    **EmailType.get_args,
+}
+
+
+@jmap_method("Email/parse", CAP_MAIL)
+def email_parse(ctx: Call, raw_args: dict) -> dict:
+    """Read blobs as messages without storing them (RFC 8621 §4.9)."""
+    args = take_args(raw_args, PARSE_ARGS)
+    spec = TYPES["Email"]
+    if len(args["blobIds"]) > ctx.limits.max_objects_in_get:
+        raise MethodError("requestTooLarge", "more blobIds than maxObjectsInGet")
+    properties = args["properties"]
+    if properties is None:
+        properties = PARSE_DEFAULT_PROPERTIES
+    unknown = [p for p in properties if p not in spec.props and not spec.check_property(p)]
+    if unknown:
+        raise MethodError("invalidArguments", f"unknown properties: {', '.join(unknown)}")
+    spec.prepare_get(ctx, args)
+    parsed, not_parsable, not_found = {}, [], []
+    for raw_blob_id in dict.fromkeys(args["blobIds"]):
+        raw = blob_read(ctx, raw_blob_id)
+        if raw is None:
+            not_found.append(raw_blob_id)
+            continue
+        root = mime_parsable(raw)
+        if root is None:
+            not_parsable.append(raw_blob_id)
+            continue
+        parsed[raw_blob_id] = {name: _parsed_property(ctx, root, raw_blob_id, len(raw), name)
+                               for name in properties}
+    return {"accountId": ctx.account.id, "parsed": parsed or None,
+            "notParsable": not_parsable or None, "notFound": not_found or None}
+
+
+def _parsed_property(ctx: Call, root: MimePart, raw_blob_id: str, size: int, name: str):
+    if name in PARSE_NULL_PROPERTIES:
+        return None  # RFC 8621 §4.9: not in any mailbox, no thread computed
+    if name == "blobId":
+        return raw_blob_id
+    if name == "size":
+        return size
+    base = "P" + raw_blob_id[1:] if raw_blob_id.startswith(BLOB_ID_PREFIX) else raw_blob_id
+    return email_message_property(ctx, root, base, name)
+
+
+def mime_parsable(raw: bytes) -> MimePart | None:
+    """The message in a blob, or None if it is not one: it must open with a header field
+    and its header block must hold only fields (RFC 5322 §2.1)."""
+    head, _ = mime_split(raw)
+    lines = [line for line in _LINE_END_RE.split(head) if line]
+    if not lines or not re.match(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:", lines[0]) or any(
+            not re.match(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]", line) for line in lines):
+        return None
+    try:
+        return mime_tree(raw)
+    except (MimeError, RecursionError, ValueError, LookupError):
+        return None
 
 
 def email_mailbox_arg(ctx: Call, value) -> list[int] | None:
@@ -5446,6 +5584,510 @@ def search_header_matches(data_dir: str, sha: str, name: str, value: str | None)
             if needle is None or needle in mime_text(raw).casefold():
                 return True
     return False
+
+
+# =============================================================================
+# 7.9 MIME WRITING -- Email/set create (RFC 8621 §4.6)
+#     A JMAP Email (header properties, a bodyStructure or textBody/htmlBody/
+#     attachments, bodyValues and blob ids) becomes RFC 5322/MIME octets: CRLF
+#     lines folded at 78 where a fold is possible, RFC 2047 words and RFC 2231
+#     parameters for non-ASCII, the smallest transfer encoding that fits.
+# =============================================================================
+
+EMAIL_CREATE_HEADERS = {  # convenience property -> (field name, parsed form)
+    "messageId": ("Message-ID", "MessageIds"),
+    "inReplyTo": ("In-Reply-To", "MessageIds"),
+    "references": ("References", "MessageIds"),
+    "sender": ("Sender", "Addresses"),
+    "from": ("From", "Addresses"),
+    "to": ("To", "Addresses"),
+    "cc": ("Cc", "Addresses"),
+    "bcc": ("Bcc", "Addresses"),
+    "replyTo": ("Reply-To", "Addresses"),
+    "subject": ("Subject", "Text"),
+    "sentAt": ("Date", "Date"),
+}
+EMAIL_CREATE_PROPS = {"mailboxIds", "keywords", "receivedAt", "bodyStructure", "bodyValues",
+                      "textBody", "htmlBody", "attachments", *EMAIL_CREATE_HEADERS}
+PART_CREATE_PROPS = {"partId", "blobId", "size", "name", "type", "charset", "disposition",
+                     "cid", "language", "location", "subParts"}
+PART_HEADER_OF = {"disposition": "content-disposition", "cid": "content-id",
+                  "language": "content-language", "location": "content-location"}
+MIME_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+ATEXT_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+FOLD_AT = 78  # RFC 5322 §2.1.1: SHOULD be no more than 78 characters
+ENCODED_WORD_OCTETS = 45  # base64 of 45 octets + "=?UTF-8?B??=" is 72 <= 75 (RFC 2047 §2)
+
+
+@dataclass
+class MimeOut:
+    """A part to write: its type and parameters, other fields, and body or children."""
+
+    ctype: str
+    params: list = field(default_factory=list)  # (name, value)
+    fields: list = field(default_factory=list)  # (name, value as written after the colon)
+    body: bytes = b""
+    cte: str | None = None
+    children: list = field(default_factory=list)
+
+
+class EmailDraft:
+    """One Email/set create under way: what it may read and what went wrong so far."""
+
+    def __init__(self, ctx: Call, body_values: dict):
+        self.ctx = ctx
+        self.body_values = body_values
+        self.bad: list[str] = []  # invalid top-level properties
+        self.why: list[str] = []  # where exactly, for the description
+        self.not_found: list[str] = []  # blob ids (blobNotFound)
+        self.parts = 0
+        self.blob_octets = 0
+
+    def fail(self, prop: str, why: str) -> None:
+        top = prop.split("/")[0]
+        if top not in self.bad:
+            self.bad.append(top)
+        self.why.append(f"{prop}: {why}")
+
+
+def mime_write_message(ctx: Call, obj: dict) -> bytes:
+    """The message an Email/set create describes (RFC 8621 §4.6); raises SetError."""
+    body_values = obj.get("bodyValues") or {}
+    draft = EmailDraft(ctx, body_values if isinstance(body_values, dict) else {})
+    if not isinstance(body_values, dict):
+        draft.fail("bodyValues", "an object")
+    for part_id, value in draft.body_values.items():
+        if not (isinstance(value, dict) and isinstance(value.get("value"), str)
+                and set(value) <= {"value", "isEncodingProblem", "isTruncated"}
+                and value.get("isEncodingProblem", False) is False
+                and value.get("isTruncated", False) is False):
+            draft.fail("bodyValues", f"{part_id!r}: {{value}} with no problem or truncation")
+    for name in obj:
+        if name not in EMAIL_CREATE_PROPS and not name.startswith("header:"):
+            draft.fail(name, "not settable on create")
+    top_fields, top_names = mime_write_fields(draft, obj, "", top=True)
+    root = mime_write_body(draft, obj, top_names)
+    if draft.bad:
+        raise invalid_properties(draft.bad, "; ".join(draft.why))
+    if draft.not_found:
+        raise SetError("blobNotFound", "blobs not found", notFound=draft.not_found)
+    if draft.blob_octets > ctx.app.cfg.max_size_upload:
+        raise SetError("tooLarge", "the attachments exceed maxSizeAttachmentsPerEmail")
+    if "date" not in top_names:
+        moment = datetime.fromtimestamp(ctx.now, timezone.utc)
+        top_fields.append(("Date", " " + moment.strftime("%a, %d %b %Y %H:%M:%S +0000")))
+    if "message-id" not in top_names:  # RFC 8621 §4.6: the server MUST set one
+        domain = ctx.account.username.rpartition("@")[2] or "jmapd.invalid"
+        top_fields.append(("Message-ID", f" <{secrets.token_hex(16)}@{domain}>"))
+    top_fields.append(("MIME-Version", " 1.0"))
+    return mime_render(root, top_fields)
+
+
+def mime_write_fields(draft: EmailDraft, obj: dict, where: str, top: bool) -> tuple[list, dict]:
+    """Header fields from header properties; returns (fields, {lower name: written?})."""
+    fields, names = [], {}
+    for prop, value in obj.items():
+        if top and prop in EMAIL_CREATE_HEADERS:
+            name, form = EMAIL_CREATE_HEADERS[prop]
+            every = False
+        elif prop.startswith("header:"):
+            match = HEADER_PROP_RE.match(prop)
+            form = match and (match.group(2) or "Raw")
+            if not match or form not in HEADER_FORMS:
+                draft.fail(where + prop, "not a header property")
+                continue
+            name, every = match.group(1), bool(match.group(3))
+            if not mime_header_form_allowed(name, form):
+                draft.fail(where + prop, f"the {form} form does not apply")
+                continue
+        else:
+            continue
+        key = name.lower()
+        if key in names:
+            draft.fail(where + prop, f"{name} is given twice")
+            continue
+        if top and key.startswith("content-") or key == "content-transfer-encoding" or (
+                not top and key == "content-type"):
+            draft.fail(where + prop, f"{name} is not allowed here")
+            continue
+        written = mime_write_field_values(draft, where + prop, name, form, value, every)
+        names[key] = bool(written)
+        fields += written
+    return fields, names
+
+
+def mime_write_field_values(draft: EmailDraft, prop: str, name: str, form: str, value,
+                            every: bool) -> list:
+    if value is None:
+        return []
+    if every and not isinstance(value, list):
+        draft.fail(prop, "an array (:all)")
+        return []
+    written = []
+    for item in value if every else [value]:
+        try:
+            written.append((name, mime_write_value(form, item)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            draft.fail(prop, str(exc) or "not a valid value for its form")
+    return written
+
+
+def mime_write_value(form: str, value) -> str:
+    """One header value in a parsed form, written as the octets after the colon."""
+    if form == "Raw":
+        if not isinstance(value, str) or "\0" in value or re.search(
+                r"\r(?!\n)|(?<!\r)\n|\r\n(?![ \t])", value):
+            raise ValueError("raw text with CRLF only before whitespace")
+        return value
+    if form == "Text":
+        if not isinstance(value, str):
+            raise ValueError("a String")
+        return " " + mime_write_text(value)
+    if form == "Addresses":
+        return " " + ", ".join(mime_write_address(a) for a in _as_list(value))
+    if form == "GroupedAddresses":
+        return " " + ", ".join(mime_write_group(g) for g in _as_list(value))
+    if form == "MessageIds":
+        ids = _as_list(value)
+        if not ids or not all(isinstance(i, str) and re.fullmatch(r"[^\s<>()\x00-\x1f]+", i)
+                              for i in ids):
+            raise ValueError("message ids without <>, spaces or controls")
+        return " " + " ".join(f"<{i}>" for i in ids)
+    if form == "Date":
+        return " " + mime_write_date(value)
+    urls = _as_list(value)
+    if not all(isinstance(u, str) and re.fullmatch(r"[^\s<>]+", u) for u in urls):
+        raise ValueError("URLs without spaces or <>")
+    return " " + ", ".join(f"<{u}>" for u in urls)
+
+
+def _as_list(value) -> list:
+    if not isinstance(value, list):
+        raise ValueError("an array")
+    return value
+
+
+def mime_write_text(text: str) -> str:
+    """Unstructured text (RFC 5322 §3.2.5), as RFC 2047 words when not plain ASCII."""
+    plain = re.fullmatch(r"[\x20-\x7e\t]*", text) and "=?" not in text and not re.search(
+        r"\S{900}", text) and "\r" not in text and "\n" not in text
+    return text if plain else mime_encoded_words(text)
+
+
+def mime_encoded_words(text: str) -> str:
+    """RFC 2047 B-encoded UTF-8 words of whole characters, each within 75 octets."""
+    words, current = [], ""
+    for char in text:
+        if len((current + char).encode("utf-8")) > ENCODED_WORD_OCTETS:
+            words.append(current)
+            current = ""
+        current += char
+    words.append(current)
+    return " ".join("=?UTF-8?B?" + base64.b64encode(w.encode("utf-8")).decode("ascii") + "?="
+                    for w in words)
+
+
+def mime_write_phrase(name: str) -> str:
+    """A display name: atoms as they are, else a quoted string, else RFC 2047 words."""
+    if ATEXT_PHRASE_RE.fullmatch(name):
+        return name
+    if re.fullmatch(r"[\x20-\x7e]*", name) and "=?" not in name:
+        return '"' + re.sub(r'(["\\])', r"\\\1", name) + '"'
+    return mime_encoded_words(name)
+
+
+def mime_write_address(address) -> str:
+    if not isinstance(address, dict) or set(address) - {"name", "email"}:
+        raise ValueError("an EmailAddress is {name, email}")
+    name, email = address.get("name"), address.get("email")
+    if not isinstance(email, str) or re.search(r"[\s<>,;\x00-\x1f]", email) or not isinstance(
+            name, (str, type(None))):
+        raise ValueError("an EmailAddress needs a valid email")
+    return f"{mime_write_phrase(name)} <{email}>" if name else email
+
+
+def mime_write_group(group) -> str:
+    if not isinstance(group, dict) or set(group) - {"name", "addresses"}:
+        raise ValueError("an EmailAddressGroup is {name, addresses}")
+    members = ", ".join(mime_write_address(a) for a in _as_list(group.get("addresses")))
+    if group.get("name") is None:
+        return members
+    if not isinstance(group["name"], str):
+        raise ValueError("a group name is a String")
+    return f"{mime_write_phrase(group['name'])}: {members};"
+
+
+def mime_write_date(value) -> str:
+    """A JMAP Date (RFC 3339 with offset) as an RFC 5322 date-time keeping the offset."""
+    if not isinstance(value, str) or not re.fullmatch(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value):
+        raise ValueError("a Date such as 2026-11-26T10:00:00+01:00")
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    offset = int(moment.utcoffset().total_seconds()) // 60
+    sign = "-" if offset < 0 else "+"
+    return moment.strftime("%a, %d %b %Y %H:%M:%S ") + f"{sign}{abs(offset) // 60:02d}" \
+        f"{abs(offset) % 60:02d}"
+
+
+# ---- bodies ----
+
+
+def mime_write_body(draft: EmailDraft, obj: dict, top_names: dict) -> MimeOut:
+    """The root part: bodyStructure as given, else built from textBody/htmlBody/attachments."""
+    if "bodyStructure" in obj:
+        for name in ("textBody", "htmlBody", "attachments"):
+            if name in obj:
+                draft.fail(name, "not with bodyStructure")
+        return mime_write_part(draft, obj["bodyStructure"], "bodyStructure", "text/plain",
+                               top_names)
+    text = _single_body(draft, obj, "textBody", "text/plain")
+    html = _single_body(draft, obj, "htmlBody", "text/html")
+    attachments = obj.get("attachments") or []
+    if not isinstance(attachments, list):
+        draft.fail("attachments", "an array of EmailBodyPart")
+        attachments = []
+    inline, mixed = [], []
+    for i, part in enumerate(attachments):
+        out = mime_write_part(draft, part, f"attachments/{i}", "application/octet-stream", {})
+        related = isinstance(part, dict) and part.get("cid") and part.get("disposition") == "inline"
+        (inline if related and html else mixed).append(out)
+    if html and inline:  # inline images travel with the HTML (RFC 2387)
+        html = MimeOut("multipart/related", children=[html, *inline])
+    body = MimeOut("multipart/alternative", children=[text, html]) if text and html else (
+        text or html or (None if mixed else MimeOut("text/plain", [("charset", "utf-8")],
+                                                    cte="7bit")))
+    if mixed:
+        return MimeOut("multipart/mixed", children=([body] if body else []) + mixed)
+    return body
+
+
+def _single_body(draft: EmailDraft, obj: dict, prop: str, wanted: str) -> MimeOut | None:
+    parts = obj.get(prop)
+    if parts is None:
+        return None
+    if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], dict):
+        draft.fail(prop, f"exactly one {wanted} part")
+        return None
+    if parts[0].get("type", wanted) != wanted:  # RFC 8621 §4.6
+        draft.fail(prop, f"must be {wanted}")
+        return None
+    return mime_write_part(draft, parts[0], f"{prop}/0", wanted, {})
+
+
+def mime_write_part(draft: EmailDraft, obj, where: str, default_type: str,
+                    top_names: dict) -> MimeOut:
+    """One EmailBodyPart for creation (RFC 8621 §4.6), its children first."""
+    draft.parts += 1
+    if not isinstance(obj, dict) or draft.parts > MAX_EMAIL_CREATE_PARTS:
+        draft.fail(where, "an EmailBodyPart object" if draft.parts <= MAX_EMAIL_CREATE_PARTS
+                   else "too many parts")
+        return MimeOut("text/plain")
+    for name in obj:
+        if name not in PART_CREATE_PROPS and not name.startswith("header:"):
+            draft.fail(f"{where}/{name}", "not an EmailBodyPart property for creation")
+    fields, names = mime_write_fields(draft, obj, where + "/", top=False)
+    for name in names:
+        if name in top_names:
+            draft.fail(where, f"{name} is also given on the Email")
+    for prop, header in PART_HEADER_OF.items():
+        if prop in obj and header in names:
+            draft.fail(f"{where}/{prop}", f"also given as a {header} header property")
+    ctype = obj.get("type") or default_type
+    if not isinstance(ctype, str) or not MIME_TYPE_RE.match(ctype.lower()):
+        draft.fail(f"{where}/type", "a media type such as text/plain")
+        ctype = default_type
+    out = MimeOut(ctype.lower())
+    if out.ctype.startswith("multipart/"):
+        _write_multipart(draft, obj, where, out)
+    else:
+        _write_leaf(draft, obj, where, out)
+    _write_part_fields(draft, obj, where, out)
+    out.fields += fields
+    return out
+
+
+def _write_multipart(draft: EmailDraft, obj: dict, where: str, out: MimeOut) -> None:
+    for name in ("partId", "blobId", "charset"):
+        if name in obj:
+            draft.fail(f"{where}/{name}", "not on a multipart")
+    sub_parts = obj.get("subParts")
+    if not isinstance(sub_parts, list):
+        draft.fail(f"{where}/subParts", "a multipart needs subParts")
+        return
+    out.children = [mime_write_part(draft, sub, f"{where}/subParts/{i}", "text/plain", {})
+                    for i, sub in enumerate(sub_parts)]
+
+
+def _write_leaf(draft: EmailDraft, obj: dict, where: str, out: MimeOut) -> None:
+    part_id, blob = obj.get("partId"), obj.get("blobId")
+    if obj.get("subParts") is not None:
+        draft.fail(f"{where}/subParts", "only a multipart has subParts")
+    if (part_id is None) == (blob is None):
+        draft.fail(where, "give a partId or a blobId, not both")
+        return
+    if part_id is not None:
+        if "charset" in obj:
+            draft.fail(f"{where}/charset", "omitted with a partId")
+        value = draft.body_values.get(part_id) if isinstance(part_id, str) else None
+        if value is None:
+            draft.fail(f"{where}/partId", "not in bodyValues")
+            return
+        out.body, out.cte = mime_encode_text(value["value"])
+        out.params.append(("charset", "utf-8"))
+        return
+    data = blob_read(draft.ctx, blob) if isinstance(blob, str) else None
+    if data is None:
+        draft.not_found.append(blob)
+        return
+    draft.blob_octets += len(data)
+    charset = obj.get("charset")
+    if charset is not None:
+        if not isinstance(charset, str) or not re.fullmatch(r"[A-Za-z0-9_.:+-]{1,64}", charset):
+            draft.fail(f"{where}/charset", "a charset name")
+        elif out.ctype.startswith("text/"):
+            out.params.append(("charset", charset))
+    out.body, out.cte = mime_encode_blob(out.ctype, data)
+
+
+def _write_part_fields(draft: EmailDraft, obj: dict, where: str, out: MimeOut) -> None:
+    """name, disposition, cid, language and location as Content-* fields."""
+    name, disposition = obj.get("name"), obj.get("disposition")
+    checks = {"name": (str,), "disposition": (str,), "cid": (str,), "location": (str,),
+              "language": (list,)}
+    for prop, kinds in checks.items():
+        if obj.get(prop) is not None and not isinstance(obj[prop], kinds):
+            draft.fail(f"{where}/{prop}", "wrong type")
+            return
+    if name is not None:
+        out.params.append(("name", name))
+    if disposition is not None:
+        if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+", disposition):
+            draft.fail(f"{where}/disposition", "a disposition token")
+            return
+        value = " " + disposition.lower() + (
+            "" if name is None else "; " + mime_write_param("filename", name))
+        out.fields.append(("Content-Disposition", value))
+    if obj.get("cid") is not None:
+        if not re.fullmatch(r"[^\s<>()\x00-\x1f]+", obj["cid"]):
+            draft.fail(f"{where}/cid", "a content id without <>")
+            return
+        out.fields.append(("Content-ID", f" <{obj['cid']}>"))
+    if obj.get("language") is not None:
+        tags = obj["language"]
+        if not tags or not all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9-]{1,35}", t)
+                               for t in tags):
+            draft.fail(f"{where}/language", "language tags")
+            return
+        out.fields.append(("Content-Language", " " + ", ".join(tags)))
+    if obj.get("location") is not None:
+        if not re.fullmatch(r"[^\s<>\"]+", obj["location"]):
+            draft.fail(f"{where}/location", "a URI")
+            return
+        out.fields.append(("Content-Location", " " + obj["location"]))
+
+
+def mime_write_param(name: str, value: str) -> str:
+    """A parameter: a token, a quoted string, or RFC 2231 UTF-8 percent-encoding in pieces."""
+    if re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+", value):
+        return f"{name}={value}"
+    if re.fullmatch(r"[\x20-\x7e]*", value) and len(value) <= 60:
+        return f'{name}="' + re.sub(r'(["\\])', r"\\\1", value) + '"'
+    encoded = urllib.parse.quote(value, safe="!#$&+-.^_`|~")
+    pieces = _rejoin_escapes(encoded)
+    if len(pieces) == 1:
+        return f"{name}*=utf-8''{encoded}"
+    return "; ".join(f"{name}*{i}*=" + ("utf-8''" if i == 0 else "") + piece
+                     for i, piece in enumerate(pieces))
+
+
+def _rejoin_escapes(encoded: str) -> list:
+    """Cut percent-encoded text in pieces of about 60 without splitting a %XX escape."""
+    pieces, current = [], ""
+    for token in re.findall(r"%[0-9A-F]{2}|.", encoded):
+        if len(current) + len(token) > 60:
+            pieces.append(current)
+            current = ""
+        current += token
+    return pieces + [current]
+
+
+def mime_encode_text(text: str) -> tuple[bytes, str]:
+    """A text body value as CRLF lines: 7bit if it can be, else quoted-printable or base64."""
+    data = re.sub(r"\r\n|\r|\n", "\r\n", text).encode("utf-8")
+    if mime_is_7bit(data):
+        return data, "7bit"
+    high = sum(1 for byte in data if byte > 0x7e)
+    if high * 3 > len(data):  # mostly non-ASCII (e.g. CJK): base64 is shorter
+        return mime_base64(data), "base64"
+    return binascii.b2a_qp(data, istext=True), "quoted-printable"
+
+
+def mime_encode_blob(ctype: str, data: bytes) -> tuple[bytes, str]:
+    """Blob content: 7bit when it is clean; messages stay readable (RFC 2046 §5.2.1)."""
+    if mime_is_7bit(data):
+        return data, "7bit"
+    if ctype.startswith("message/"):
+        return data, "8bit" if b"\0" not in data and not re.search(
+            rb"[^\r\n]{999}", data) else "binary"
+    return mime_base64(data), "base64"
+
+
+def mime_is_7bit(data: bytes) -> bool:
+    """ASCII without NUL, CRLF line ends only, lines within 998 octets (RFC 5322 §2.1.1)."""
+    return not re.search(rb"[\x00\x80-\xff]|\r(?!\n)|(?<!\r)\n|[^\r\n]{999}", data)
+
+
+def mime_base64(data: bytes) -> bytes:
+    text = base64.b64encode(data)
+    return b"".join(text[i:i + 76] + b"\r\n" for i in range(0, len(text), 76))
+
+
+# ---- rendering ----
+
+
+def mime_render(part: MimeOut, top_fields: list = ()) -> bytes:
+    """Write a part (the whole message when top_fields are given) as CRLF octets."""
+    params = list(part.params)
+    body = part.body
+    if part.children:
+        rendered = [mime_render(child) for child in part.children]
+        boundary = mime_boundary(rendered)
+        params.append(("boundary", boundary))
+        mark = b"--" + boundary.encode("ascii")
+        body = b"".join(mark + b"\r\n" + child + b"\r\n" for child in rendered) + mark + b"--\r\n"
+    content_type = " " + "; ".join([part.ctype] + [mime_write_param(n, v) for n, v in params])
+    fields = list(top_fields) + [("Content-Type", content_type)]
+    if part.cte:
+        fields.append(("Content-Transfer-Encoding", " " + part.cte))
+    fields += part.fields
+    head = "".join(mime_fold(name, value) for name, value in fields)
+    return head.encode("utf-8") + b"\r\n" + body
+
+
+def mime_boundary(rendered: list) -> str:
+    """A boundary found in none of the parts (RFC 2046 §5.1.1)."""
+    while True:
+        boundary = "=_" + secrets.token_hex(12)
+        if not any(boundary.encode("ascii") in child for child in rendered):
+            return boundary
+
+
+def mime_fold(name: str, value: str) -> str:
+    """One header field, folded before whitespace so lines stay within 78 octets
+    where they can; never a line of whitespace only (RFC 5322 §2.2.3, §3.2.2)."""
+    if "\r\n" in value:  # a raw value the client folded itself
+        return f"{name}:{value}\r\n"
+    pieces = re.split(r"(?=[ \t])", f"{name}:{value}")
+    lines, current = [], pieces[0]
+    for piece in pieces[1:]:
+        if len((current + piece).encode("utf-8")) > FOLD_AT and current.strip() and (
+                lines or current != pieces[0]):  # never leave the name alone on its line
+            lines.append(current)
+            current = piece
+        else:
+            current += piece
+    lines.append(current)
+    return "\r\n".join(lines) + "\r\n"
 
 
 # =============================================================================
