@@ -5109,6 +5109,8 @@ def _import_one(ctx: Call, cid: str, item) -> dict:
     if bad:
         raise invalid_properties(bad, "blobId must name a blob this account can read")
     mailbox_pks, keywords, received_at = email_meta(ctx, item)
+    if mime_parsable(raw) is None:  # RFC 8621 §4.8: a blob that is no message at all
+        raise SetError("invalidEmail", "the blob is not a message: it must begin with a header")
     sha = hashlib.sha256(raw).hexdigest()
     if blob_sha_from_id(item["blobId"]) != sha:  # a part of another message: store it
         blob_store_bytes(ctx.app.cfg.data_dir, raw)
@@ -5175,11 +5177,8 @@ def _parsed_property(ctx: Call, root: MimePart, raw_blob_id: str, size: int, nam
 
 def mime_parsable(raw: bytes) -> MimePart | None:
     """The message in a blob, or None if it is not one: it must open with a header field
-    and its header block must hold only fields (RFC 5322 §2.1)."""
-    head, _ = mime_split(raw)
-    lines = [line for line in _LINE_END_RE.split(head) if line]
-    if not lines or not re.match(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:", lines[0]) or any(
-            not re.match(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]", line) for line in lines):
+    (RFC 5322 §2.1); later stray lines are tolerated as the reader tolerates them."""
+    if not re.match(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:", raw):
         return None
     try:
         return mime_tree(raw)
