@@ -44,6 +44,7 @@ INDEX
     8   Delivery and submission
     8.1 deliver_message
     8.2 LMTP
+    8.3 Submission (EmailSubmission, outbox)
     13  HTTP routes
     14  CLI commands and main
 
@@ -263,6 +264,9 @@ MAX_MAILBOXES_PER_EMAIL = 100  # maxMailboxesPerEmail; more is tooManyMailboxes 
 MAX_KEYWORDS_PER_EMAIL = 100  # more is tooManyKeywords (RFC 8621 §4.6)
 MAX_IDENTITIES = 100  # per account
 MAX_EMAIL_CREATE_PARTS = 500  # body parts in one created Email
+MAX_RECIPIENTS = 100  # per EmailSubmission (tooManyRecipients)
+MAX_SIZE_SEND = 50_000_000  # octets of a message to send (tooLarge, maxSize)
+SMTP_TLS_MODES = ("auto", "starttls", "implicit", "none")
 MAX_ID_LENGTH = 255  # RFC 8620 §1.2
 MAX_INT = 2**53 - 1  # RFC 8620 §1.3
 MAX_SORT_ORDER = 2**31 - 1  # RFC 8621 §2: sortOrder < 2^31
@@ -533,6 +537,12 @@ def conv_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+def conv_tls_mode(text: str) -> str:
+    if text not in SMTP_TLS_MODES:
+        raise ValueError(f"one of {', '.join(SMTP_TLS_MODES)}")
+    return text
+
+
 def conv_positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -595,6 +605,18 @@ OPTIONS = (
     Opt("--user", None, str, "the address the mail is for", ("deliver", "import")),
     Opt("--mailbox", None, str, "a role (inbox, junk, …) or Mailbox name; else the Inbox",
         ("deliver", "import")),
+    Opt("--smtp-relay", None, conv_listen,
+        "send mail through this submission server, HOST:PORT (your provider's smarthost)"),
+    Opt("--smtp-tls", "auto", conv_tls_mode,
+        "auto (STARTTLS when offered), starttls, implicit (port 465) or none"),
+    Opt("--smtp-ca-file", None, str, "CA certificates to verify the relay with (else the system's)"),
+    Opt("--smtp-user", None, str, "user name for AUTH at the relay (only ever over TLS)"),
+    Opt("--smtp-password-file", None, str, "file holding the relay password (not on argv)"),
+    Opt("--smtp-retry-seconds", 60, conv_positive,
+        "first retry after a temporary failure; doubled each time up to an hour"),
+    Opt("--smtp-give-up-hours", 120, conv_positive, "stop retrying a message after this long"),
+    Opt("--max-delayed-send", 7 * 86400, conv_positive,
+        "maxDelayedSend: longest FUTURERELEASE hold in seconds"),
     Opt("--trusted-proxy", (), str, "addresses whose X-Forwarded-For/-Proto/-Host are honoured",
         nargs="+"),
     Opt("--threads", 8, conv_positive, "waitress worker threads"),
@@ -650,6 +672,14 @@ class Config:
     alias: str | None = None
     paths: tuple = ()
     trusted_proxy: tuple = ()
+    smtp_relay: tuple | None = None
+    smtp_tls: str = "auto"
+    smtp_ca_file: str | None = None
+    smtp_user: str | None = None
+    smtp_password_file: str | None = None
+    smtp_retry_seconds: int = 60
+    smtp_give_up_hours: int = 120
+    max_delayed_send: int = 7 * 86400
     max_push_connections: int = 2
     max_login_failures_per_address: int = 10
     max_login_failures_per_user: int = 30
@@ -1049,6 +1079,52 @@ class VacationResponse(JmapRow):
         table_name = "vacation_response"
 
 
+class EmailSubmission(JmapRow):
+    """A request to send an Email (RFC 8621 §7); the sending itself is an Outbox row."""
+
+    identity_pk = peewee.IntegerField()
+    email_pk = peewee.IntegerField()
+    thread_pk = peewee.IntegerField()
+    envelope = peewee.TextField()  # JSON Envelope
+    send_at = peewee.IntegerField()
+    undo_status = peewee.TextField(default="pending")
+    delivery_status = peewee.TextField(null=True)  # JSON {address: DeliveryStatus}
+    dsn_blob_ids = peewee.TextField(default="[]")
+    mdn_blob_ids = peewee.TextField(default="[]")
+    message_id = peewee.TextField(null=True)  # of the message sent, to match DSNs
+
+    class Meta:
+        table_name = "email_submission"
+
+
+class Outbox(BaseModel):
+    """A message waiting for the smarthost: an EmailSubmission's, or a vacation reply."""
+
+    pk = peewee.AutoField()
+    account_pk = peewee.IntegerField()
+    submission_pk = peewee.IntegerField(null=True)
+    sha256 = peewee.TextField()  # the octets to send (Bcc already removed)
+    mail_from = peewee.TextField()
+    mail_params = peewee.TextField(default="{}")  # JSON, FUTURERELEASE removed
+    rcpts = peewee.TextField()  # JSON [[address, {params}]] still to send to
+    state = peewee.TextField(default="queued")  # queued, sending, done, canceled
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.IntegerField()
+    created_at = peewee.IntegerField()
+
+
+class VacationSent(BaseModel):
+    """When a sender last got this account's vacation reply (RFC 3834 §2, RFC 5230 §4.6)."""
+
+    account_pk = peewee.IntegerField()
+    sender = peewee.TextField()
+    sent_at = peewee.IntegerField()
+
+    class Meta:
+        table_name = "vacation_sent"
+        primary_key = peewee.CompositeKey("account_pk", "sender")
+
+
 class Blob(BaseModel):
     """One stored blob file, named by its SHA-256."""
 
@@ -1279,6 +1355,49 @@ def _migration_6_sharing_identities_vacation(database) -> None:
         database.execute_sql(statement)
 
 
+def _migration_7_submission(database) -> None:
+    for statement in (
+        """CREATE TABLE email_submission (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            identity_pk INTEGER NOT NULL,
+            email_pk INTEGER NOT NULL,
+            thread_pk INTEGER NOT NULL,
+            envelope TEXT NOT NULL,
+            send_at INTEGER NOT NULL,
+            undo_status TEXT NOT NULL DEFAULT 'pending',
+            delivery_status TEXT,
+            dsn_blob_ids TEXT NOT NULL DEFAULT '[]',
+            mdn_blob_ids TEXT NOT NULL DEFAULT '[]',
+            message_id TEXT,
+            created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER)""",
+        "CREATE INDEX email_submission_changes ON email_submission(account_pk, updated_modseq)",
+        "CREATE INDEX email_submission_msgid ON email_submission(account_pk, message_id)",
+        """CREATE TABLE outbox (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            submission_pk INTEGER,
+            sha256 TEXT NOT NULL,
+            mail_from TEXT NOT NULL,
+            mail_params TEXT NOT NULL DEFAULT '{}',
+            rcpts TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'queued',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at INTEGER NOT NULL,
+            created_at INTEGER NOT NULL)""",
+        "CREATE INDEX outbox_due ON outbox(state, next_attempt_at)",
+        """CREATE TABLE vacation_sent (
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            sender TEXT NOT NULL,
+            sent_at INTEGER NOT NULL,
+            PRIMARY KEY (account_pk, sender)) WITHOUT ROWID""",
+    ):
+        database.execute_sql(statement)
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
@@ -1286,6 +1405,7 @@ MIGRATIONS = (
     (4, "email search", _migration_4_email_search),
     (5, "aliases", _migration_5_aliases),
     (6, "sharing, identities, vacation response", _migration_6_sharing_identities_vacation),
+    (7, "submission queue", _migration_7_submission),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1837,7 +1957,7 @@ def session_account_capabilities(app, read_only: bool = False) -> dict:
             "emailQuerySortOptions": sorted(EMAIL_SORTS),
             "mayCreateTopLevelMailbox": not read_only,
         },
-        CAP_SUBMISSION: {"maxDelayedSend": 0, "submissionExtensions": {}},
+        CAP_SUBMISSION: submission_capability(app.cfg),
         CAP_VACATION: {},
     }
 
@@ -2330,6 +2450,7 @@ class TypeSpec:
       create_one(ctx, cid, obj)     make one record (Email: a MIME message, not columns)
       copy_one(ctx, src, cid, obj)  copy one record from another account
       validate_final(ctx)           check the end state of a /set (raise MethodError)
+      after_set(ctx, args, result)  follow-up work once a /set has run
       can_calculate_changes(args)   whether /queryChanges is exact for this query
       changes_extra(ctx, since, rows)   extra /changes response members
       query_changed(ctx, args, since)   objects a /queryChanges must re-place
@@ -2445,6 +2566,9 @@ class TypeSpec:
 
     def validate_final(self, ctx: Call) -> None:
         pass
+
+    def after_set(self, ctx: Call, args: dict, result: dict) -> None:
+        """After a /set has run (EmailSubmission: the implicit Email/set)."""
 
     def can_calculate_changes(self, args: dict) -> bool:
         return True
@@ -2631,6 +2755,7 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
     for key in ("created", "updated", "destroyed", "notCreated", "notUpdated", "notDestroyed"):
         result[key] = result[key] or None  # RFC 8620 §5.3: empty maps are null
+    spec.after_set(ctx, args, result)
     return result
 
 
@@ -6442,6 +6567,484 @@ def lmtp_start(app, sockets: list) -> list:
 
 
 # =============================================================================
+# 8.3 SUBMISSION -- EmailSubmission (RFC 8621 §7) and the outbox
+#     EmailSubmission/set checks the Email, the Identity and the envelope, stores
+#     the octets to send (Bcc removed) and queues an Outbox row in the same
+#     transaction. OutboxWorker sends due rows through --smtp-relay with smtplib,
+#     records each recipient's reply, retries 4xx with back-off and holds
+#     FUTURERELEASE messages (RFC 4865) until their time. Delivery is at least
+#     once: a crash while sending sends that message again on restart.
+# =============================================================================
+
+MAIL_PARAMS = {"BODY", "SMTPUTF8", "ENVID", "RET", "SIZE", "HOLDFOR", "HOLDUNTIL"}
+RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+PARAM_EXTENSION = {"BODY": "8bitmime", "SMTPUTF8": "smtputf8", "ENVID": "dsn", "RET": "dsn",
+                   "SIZE": "size", "NOTIFY": "dsn", "ORCPT": "dsn"}
+SEND_ADDRESS_RE = re.compile(r"^[^\s<>@]+@[^\s<>@.][^\s<>@]*$")
+SMTP_TIMEOUT_S = 60
+RETRY_MAX_S = 3600
+
+
+def submission_capability(cfg) -> dict:
+    """The submission capability: FUTURERELEASE only when there is a relay to send by."""
+    if not cfg.smtp_relay:
+        return {"maxDelayedSend": 0, "submissionExtensions": {}}
+    return {"maxDelayedSend": cfg.max_delayed_send,
+            "submissionExtensions": {"FUTURERELEASE": [str(cfg.max_delayed_send)]}}
+
+
+def _ids_condition(column, prefix: str):
+    def condition(ctx, value):
+        pks = [pk_from_id(prefix, i) for i in a_ids(value)]
+        return column.in_([pk for pk in pks if pk is not None])
+    return condition
+
+
+SUBMISSION_FILTERS = {  # RFC 8621 §7.3
+    "identityIds": _ids_condition(EmailSubmission.identity_pk, "I"),
+    "emailIds": _ids_condition(EmailSubmission.email_pk, "e"),
+    "threadIds": _ids_condition(EmailSubmission.thread_pk, "T"),
+    "undoStatus": lambda ctx, v: EmailSubmission.undo_status == a_str(v),
+    "before": lambda ctx, v: EmailSubmission.send_at < parse_utc_date(a_str(v)),
+    "after": lambda ctx, v: EmailSubmission.send_at >= parse_utc_date(a_str(v)),
+}
+SUBMISSION_SORTS = {
+    "emailId": (EmailSubmission.email_pk, False),
+    "threadId": (EmailSubmission.thread_pk, False),
+    "sentAt": (EmailSubmission.send_at, False),  # RFC 8621 §7.3 names the sort "sentAt"
+    "sendAt": (EmailSubmission.send_at, False),
+}
+
+
+@register_type
+class EmailSubmissionType(TypeSpec):
+    """EmailSubmission (RFC 8621 §7): creating one sends the Email."""
+
+    name, capability, model, id_prefix = "EmailSubmission", CAP_SUBMISSION, EmailSubmission, "S"
+    filters, sorts = SUBMISSION_FILTERS, SUBMISSION_SORTS
+    set_args = {"onSuccessUpdateEmail": (nullable(a_obj), None),
+                "onSuccessDestroyEmail": (nullable(a_ids), None)}
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "identityId": Prop("id", "identity_pk", immutable=True, ref="Identity"),
+        "emailId": Prop("id", "email_pk", immutable=True, ref="Email"),
+        "threadId": Prop("id", "thread_pk", server_set=True, immutable=True, ref="Thread"),
+        "envelope": Prop("object", "envelope", default=None, nullable=True, immutable=True,
+                         json=True),
+        "sendAt": Prop("utcdate", "send_at", server_set=True, immutable=True),
+        "undoStatus": Prop("str", "undo_status", default="pending"),
+        "deliveryStatus": Prop("object", "delivery_status", server_set=True, nullable=True,
+                               json=True),
+        "dsnBlobIds": Prop("list", "dsn_blob_ids", server_set=True, json=True),
+        "mdnBlobIds": Prop("list", "mdn_blob_ids", server_set=True, json=True),
+    }
+
+    def validate(self, ctx, values, row):
+        if row is None:
+            submission_prepare(ctx, values)
+        elif values["undoStatus"] != row.undo_status:
+            if values["undoStatus"] != "canceled" or row.undo_status != "pending":
+                if values["undoStatus"] == "canceled":
+                    raise SetError("cannotUnsend", "the message has already been sent")
+                raise invalid_properties(["undoStatus"], "only pending -> canceled")
+            queued = Outbox.select().where((Outbox.submission_pk == row.pk)
+                                           & (Outbox.state == "queued")).exists()
+            if not queued:
+                raise SetError("cannotUnsend", "the message is being sent or was sent")
+
+    def on_create(self, ctx, row, values):
+        outgoing, mail_from, mail_params, rcpts, message_id = ctx.__dict__.pop("_outgoing")
+        sha, size = blob_store_bytes(ctx.app.cfg.data_dir, outgoing)
+        blob_add_ref(ctx.account.pk, sha, size, "outbox", ctx.now, owner_pk=row.pk)
+        EmailSubmission.update(message_id=message_id).where(
+            EmailSubmission.pk == row.pk).execute()
+        Outbox.create(account_pk=ctx.account.pk, submission_pk=row.pk, sha256=sha,
+                      mail_from=mail_from, mail_params=json_dumps(mail_params),
+                      rcpts=json_dumps(rcpts), next_attempt_at=row.send_at,
+                      created_at=int(ctx.now))
+        self._done(ctx, row)
+
+    def on_update(self, ctx, row, values):
+        if values.get("undoStatus") == "canceled":
+            Outbox.update(state="canceled").where((Outbox.submission_pk == row.pk)
+                                                  & (Outbox.state == "queued")).execute()
+        self._done(ctx, row)
+
+    def on_destroy(self, ctx, row, args):
+        self._done(ctx, row)  # the record goes; a queued send still happens (RFC 8621 §7.5)
+
+    def _done(self, ctx, row):
+        ctx.__dict__.setdefault("_submitted", {})[self.id_of(row.pk)] = id_for("e", row.email_pk)
+
+    def after_set(self, ctx, args, result):
+        """onSuccessUpdateEmail / onSuccessDestroyEmail: one implicit Email/set, answered
+        right after this response (RFC 8621 §7.5)."""
+        done = ctx.__dict__.pop("_submitted", {})
+        succeeded = {c["id"] for c in (result["created"] or {}).values()}
+        succeeded |= set(result["updated"] or {}) | set(result["destroyed"] or [])
+        update, destroy = {}, []
+        for key, patch in (args["onSuccessUpdateEmail"] or {}).items():
+            sub_id = resolve_creation_id(ctx, key)
+            if sub_id in done and sub_id in succeeded:
+                update[done[sub_id]] = patch
+        for key in args["onSuccessDestroyEmail"] or []:
+            sub_id = resolve_creation_id(ctx, key)
+            if sub_id in done and sub_id in succeeded:
+                destroy.append(done[sub_id])
+        if not update and not destroy:
+            return
+        email_args = {"accountId": ctx.account.id, "update": update or None,
+                      "destroy": destroy or None}
+        try:
+            with db.atomic():
+                answer = method_set(TYPES["Email"], ctx, email_args)
+        except MethodError as exc:
+            ctx.extra_responses.append(("error", exc.as_json()))
+        else:
+            ctx.extra_responses.append(("Email/set", answer))
+
+
+def submission_prepare(ctx: Call, values: dict) -> None:
+    """Check a new EmailSubmission and fill in its server-set values (RFC 8621 §7.5)."""
+    if not ctx.app.cfg.smtp_relay:
+        raise SetError("forbiddenToSend", "this server has no mail relay configured "
+                                          "(serve --smtp-relay); nothing can be sent")
+    if values["undoStatus"] != "pending":
+        raise invalid_properties(["undoStatus"], "a new submission is pending")
+    identity = Identity.get_by_id(pk_from_id("I", values["identityId"]))
+    email = Email.get_by_id(pk_from_id("e", values["emailId"]))
+    if email.size > MAX_SIZE_SEND:
+        raise SetError("tooLarge", "the message is too large to send", maxSize=MAX_SIZE_SEND)
+    with blob_open(ctx.app.cfg.data_dir, email.blob_sha256) as f:
+        raw = f.read()
+    root = mime_email(raw)
+    owned = account_addresses(ctx.account.pk)
+    senders = submission_header_addresses(root, "from")
+    if not senders:
+        raise SetError("invalidEmail", "the message has no From address", properties=["from"])
+    if any((a["email"] or "").lower() not in owned for a in senders):
+        raise SetError("forbiddenFrom", "this account may not send as "
+                       + ", ".join(a["email"] or "?" for a in senders))
+    envelope = values["envelope"]
+    if envelope is None:
+        envelope = submission_envelope(root, identity)
+    mail_from, mail_params, rcpts = submission_check_envelope(envelope)
+    if mail_from and mail_from.lower() not in owned:
+        raise SetError("forbiddenMailFrom", f"this account may not send as {mail_from}")
+    send_at = submission_send_at(ctx, mail_params)
+    values.update(envelope=envelope, threadId=id_for("T", email.thread_pk),
+                  sendAt=utc_date(send_at), deliveryStatus={
+                      address: {"smtpReply": "250 2.0.0 queued", "delivered": "queued",
+                                "displayed": "unknown"} for address, _ in rcpts})
+    message_id = (mime_header_property(root.headers, "header:Message-ID:asMessageIds")
+                  or [None])[0]
+    ctx.__dict__["_outgoing"] = (mime_strip_fields(raw, {"bcc"}), mail_from, mail_params,
+                                 rcpts, message_id)
+
+
+def submission_header_addresses(root: MimePart, name: str) -> list:
+    fields = [v for n, v in root.headers if n.lower() == name]
+    return mime_header_value(fields[-1], "Addresses") if fields else []
+
+
+def submission_envelope(root: MimePart, identity: Identity) -> dict:
+    """The envelope from the headers when the client gave none (RFC 8621 §7)."""
+    mail_from = ""
+    for name in ("sender", "from"):
+        fields = [v for n, v in root.headers if n.lower() == name]
+        if not fields:
+            continue
+        addresses = mime_header_value(fields[-1], "Addresses")
+        if len(fields) > 1 or len(addresses) != 1:  # SHOULD reject as invalid
+            raise SetError("invalidEmail", f"one {name} address is needed to send",
+                           properties=[name])
+        mail_from = addresses[0]["email"] or ""
+        break
+    if mail_from.lower() != identity.email.lower():
+        mail_from = identity.email  # not this Identity's address: use the Identity's
+    rcpts, seen = [], set()
+    for name in ("to", "cc", "bcc"):
+        for field_value in (v for n, v in root.headers if n.lower() == name):
+            for address in mime_header_value(field_value, "Addresses"):
+                email = address["email"] or ""
+                if email and email.lower() not in seen:
+                    seen.add(email.lower())
+                    rcpts.append({"email": email, "parameters": None})
+    return {"mailFrom": {"email": mail_from, "parameters": None}, "rcptTo": rcpts}
+
+
+def submission_check_envelope(envelope) -> tuple[str, dict, list]:
+    """Check an Envelope; return MAIL FROM, its parameters, and [address, params] pairs."""
+    def address(value, allowed: set) -> tuple[str, dict]:
+        if not isinstance(value, dict) or set(value) - {"email", "parameters"} or \
+                not isinstance(value.get("email"), str):
+            raise ValueError("an Address is {email, parameters}")
+        params = value.get("parameters") or {}
+        if not isinstance(params, dict) or any(
+                k.upper() not in allowed or not isinstance(v, (str, type(None)))
+                for k, v in params.items()):
+            raise ValueError(f"parameters may be {', '.join(sorted(allowed))}")
+        return value["email"], {k.upper(): v for k, v in params.items()}
+
+    try:
+        if not isinstance(envelope, dict) or set(envelope) != {"mailFrom", "rcptTo"} or \
+                not isinstance(envelope["rcptTo"], list):
+            raise ValueError("an Envelope is {mailFrom, rcptTo}")
+        mail_from, mail_params = address(envelope["mailFrom"], MAIL_PARAMS)
+        rcpts = [list(address(r, RCPT_PARAMS)) for r in envelope["rcptTo"]]
+    except ValueError as exc:
+        raise invalid_properties(["envelope"], str(exc)) from exc
+    if mail_from and not SEND_ADDRESS_RE.match(mail_from):
+        raise invalid_properties(["envelope"], f"mailFrom {mail_from!r} is not an address")
+    if not rcpts:
+        raise SetError("noRecipients", "the envelope has no recipients")
+    if len(rcpts) > MAX_RECIPIENTS:
+        raise SetError("tooManyRecipients", f"at most {MAX_RECIPIENTS} recipients",
+                       maxRecipients=MAX_RECIPIENTS)
+    invalid = [a for a, _ in rcpts if not SEND_ADDRESS_RE.match(a)]
+    if invalid:
+        raise SetError("invalidRecipients", "not addresses one can send to",
+                       invalidRecipients=invalid)
+    return mail_from, mail_params, rcpts
+
+
+def submission_send_at(ctx: Call, mail_params: dict) -> float:
+    """When to send: now, or later by FUTURERELEASE HOLDFOR/HOLDUNTIL (RFC 4865 §3)."""
+    hold_for, hold_until = mail_params.pop("HOLDFOR", None), mail_params.pop("HOLDUNTIL", None)
+    if hold_for is not None and hold_until is not None:
+        raise invalid_properties(["envelope"], "HOLDFOR or HOLDUNTIL, not both")
+    try:
+        if hold_for is not None:
+            if not re.fullmatch(r"\d{1,10}", hold_for or ""):
+                raise ValueError("HOLDFOR is a number of seconds")
+            at = ctx.now + int(hold_for)
+        elif hold_until is not None:
+            at = datetime.fromisoformat(rfc3339_for_python(hold_until)).timestamp()
+        else:
+            return ctx.now
+    except ValueError as exc:
+        raise invalid_properties(["envelope"], str(exc)) from exc
+    if at - ctx.now > ctx.app.cfg.max_delayed_send:
+        raise invalid_properties(["envelope"], f"at most {ctx.app.cfg.max_delayed_send} s "
+                                               "ahead (maxDelayedSend)")
+    return max(at, ctx.now)
+
+
+def rfc3339_for_python(value: str) -> str:
+    """An RFC 3339 date-time as fromisoformat() reads it, or ValueError."""
+    if not isinstance(value, str) or not re.fullmatch(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", value):
+        raise ValueError("HOLDUNTIL is an RFC 3339 date-time")
+    return value[:-1] + "+00:00" if value[-1] in "Zz" else value
+
+
+def mime_strip_fields(raw: bytes, names: set) -> bytes:
+    """The message without the named header fields (Bcc, RFC 8621 §7.5), else unchanged."""
+    match = re.search(rb"\r?\n\r?\n", raw)
+    end = match.start() if match else len(raw)
+    kept, skipping = [], False
+    for line in raw[:end].split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower().decode("ascii", "replace") in names
+        if not skipping:
+            kept.append(line)
+    return b"\n".join(kept) + raw[end:]
+
+
+# ---- the outbox worker ----
+
+
+class OutboxWorker:
+    """One thread sending due Outbox rows through the relay, one at a time."""
+
+    def __init__(self, app):
+        self.app = app
+        self.thread = threading.Thread(target=self.run, daemon=True, name="outbox")
+
+    def start(self) -> None:
+        with db.atomic("IMMEDIATE"):  # rows a crash left mid-send go again (at least once)
+            Outbox.update(state="queued").where(Outbox.state == "sending").execute()
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.app.bus.stopping.is_set():
+            try:
+                job = outbox_claim(self.app.clock.now())
+            except peewee.OperationalError as exc:
+                log.warning("outbox: database busy (%s)", exc)
+                job = None
+            if job is None:
+                self.app.bus.stopping.wait(OUTBOX_POLL_S)
+                continue
+            try:
+                with blob_open(self.app.cfg.data_dir, job.sha256) as f:
+                    data = f.read()
+                replies = smtp_send(self.app.cfg, job, data)
+            except Exception:  # noqa: BLE001 -- a bug must not stop the queue
+                log.exception("outbox %d: sending failed", job.pk)
+                replies = {a: (451, "4.3.0 internal error; see the server log")
+                           for a, _ in json.loads(job.rcpts)}
+            outbox_record(self.app, job, replies)
+
+    def stop(self, timeout_s: float) -> None:
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+
+
+OUTBOX_POLL_S = 1.0
+
+
+def outbox_claim(now: float) -> Outbox | None:
+    """Take the next due row, marking it as being sent so it can no longer be canceled."""
+    with db.atomic("IMMEDIATE"):
+        job = Outbox.select().where((Outbox.state == "queued") & (Outbox.next_attempt_at <= now)
+                                    ).order_by(Outbox.next_attempt_at).first()
+        if job is not None:
+            Outbox.update(state="sending").where(Outbox.pk == job.pk).execute()
+    return job
+
+
+def outbox_record(app, job: Outbox, replies: dict) -> None:
+    """Record an attempt: final replies stay, 4xx recipients are retried with back-off."""
+    now = app.clock.now()
+    cfg = app.cfg
+    remaining = [[a, p] for a, p in json.loads(job.rcpts) if 400 <= replies[a][0] < 500]
+    give_up = bool(remaining) and now - job.created_at > cfg.smtp_give_up_hours * 3600
+    with db.atomic("IMMEDIATE"):
+        if remaining and not give_up:
+            delay = min(cfg.smtp_retry_seconds * 2 ** job.attempts, RETRY_MAX_S)
+            Outbox.update(state="queued", rcpts=json_dumps(remaining), attempts=job.attempts + 1,
+                          next_attempt_at=int(now + delay)).where(Outbox.pk == job.pk).execute()
+        else:
+            Outbox.update(state="done", attempts=job.attempts + 1).where(
+                Outbox.pk == job.pk).execute()
+        changes = ChangeLog(job.account_pk, now)
+        if job.submission_pk is not None:
+            submission_record_replies(changes, job.submission_pk, replies,
+                                      finished=not remaining or give_up)
+        changes.flush()
+    log.info("outbox %d: %s", job.pk, "; ".join(f"{a}: {smtp_reply_text(*r)}"
+                                                for a, r in replies.items()))
+    app.bus.notify(job.account_pk)
+
+
+def submission_record_replies(changes: ChangeLog, submission_pk: int, replies: dict,
+                              finished: bool) -> None:
+    """deliveryStatus per recipient from the relay's replies (RFC 8621 §7)."""
+    row = EmailSubmission.get_or_none(EmailSubmission.pk == submission_pk)
+    if row is None or row.destroyed:
+        return  # the record was destroyed; the sending went on without it
+    status = json.loads(row.delivery_status or "{}")
+    for address, (code, text) in replies.items():
+        delivered = "unknown" if code < 400 else "no" if code >= 500 or finished else "queued"
+        status[address] = {"smtpReply": smtp_reply_text(code, text), "delivered": delivered,
+                           "displayed": status.get(address, {}).get("displayed", "unknown")}
+    row.delivery_status = json_dumps(status)
+    relayed = any(s["delivered"] in ("unknown", "yes") for s in status.values())
+    if relayed or finished:
+        row.undo_status = "final"
+    record_change(changes, "EmailSubmission", row, "updated")
+
+
+def smtp_reply_text(code: int, text) -> str:
+    """An SMTP reply as one line (RFC 8621 §7: continuation prefixes and CRLFs joined)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    lines = text.split("\n")
+    prefix = re.match(r"\d\.\d{1,3}\.\d{1,3} ", lines[0])
+    rest = [line[prefix.end():] if prefix and line.startswith(prefix.group(0)) else line
+            for line in lines[1:]]
+    return " ".join([f"{code} {lines[0]}".rstrip()] + rest)
+
+
+def smtp_send(cfg, job: Outbox, data: bytes) -> dict:
+    """Send one message to its remaining recipients; map each to (code, text)."""
+    import smtplib  # lazy: only the outbox sends
+    import ssl
+
+    rcpts = json.loads(job.rcpts)
+    host, port = cfg.smtp_relay
+    context = ssl.create_default_context(cafile=cfg.smtp_ca_file)
+    try:
+        if cfg.smtp_tls == "implicit":
+            client = smtplib.SMTP_SSL(host, port, timeout=SMTP_TIMEOUT_S, context=context)
+        else:
+            client = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT_S)
+        with client:
+            return _smtp_transaction(cfg, client, context, job, rcpts, data)
+    except smtplib.SMTPResponseException as exc:
+        reply = (exc.smtp_code, exc.smtp_error)
+    except (OSError, smtplib.SMTPException) as exc:
+        reply = (451, f"4.4.1 the relay could not be reached: {exc}")
+    return {address: reply for address, _ in rcpts}
+
+
+def _smtp_transaction(cfg, client, context, job: Outbox, rcpts: list, data: bytes) -> dict:
+    import smtplib
+
+    client.ehlo()
+    if cfg.smtp_tls == "starttls" or (cfg.smtp_tls == "auto" and client.has_extn("starttls")):
+        if not client.has_extn("starttls"):
+            return {a: (454, "4.7.0 the relay does not offer STARTTLS") for a, _ in rcpts}
+        client.starttls(context=context)
+        client.ehlo()
+    elif cfg.smtp_user and cfg.smtp_tls != "implicit":
+        return {a: (454, "4.7.0 the relay offers no TLS; AUTH is never sent in plain text")
+                for a, _ in rcpts}
+    if cfg.smtp_user:
+        client.login(cfg.smtp_user, smtp_password(cfg))
+    params = json.loads(job.mail_params)
+    if re.search(rb"[\x80-\xff]", data) and "BODY" not in params:
+        params["BODY"] = "8BITMIME"
+    if job.submission_pk is not None and "ENVID" not in params:
+        params["ENVID"] = id_for("S", job.submission_pk)  # DSNs name the submission
+    code, text = client.mail(job.mail_from, smtp_options(client, params))
+    if code >= 300:
+        client.rset()
+        return {a: (code, text) for a, _ in rcpts}
+    replies, accepted = {}, []
+    for address, rcpt_params in rcpts:
+        replies[address] = client.rcpt(address, smtp_options(client, rcpt_params))
+        if replies[address][0] < 300:
+            accepted.append(address)
+    if not accepted:
+        client.rset()
+        return replies
+    try:
+        code, text = client.data(data)
+    except smtplib.SMTPResponseException as exc:
+        code, text = exc.smtp_code, exc.smtp_error
+    if code >= 300:  # the message as a whole was refused: that reply for each (RFC 8621 §7)
+        replies.update({a: (code, text) for a in accepted})
+    return replies
+
+
+def smtp_options(client, params: dict) -> list:
+    """ESMTP parameters the relay announced support for, xtext-encoded (RFC 3461 §4)."""
+    options = []
+    for name, value in params.items():
+        if not client.has_extn(PARAM_EXTENSION.get(name, name.lower())):
+            continue
+        if value is None:
+            options.append(name)
+        else:
+            options.append(f"{name}=" + "".join(
+                c if "!" <= c <= "~" and c not in "+=" else "".join(
+                    f"+{b:02X}" for b in c.encode("utf-8")) for c in value))
+    return options
+
+
+def smtp_password(cfg) -> str:
+    if not cfg.smtp_password_file:
+        return ""
+    with open(cfg.smtp_password_file, encoding="utf-8") as f:
+        return f.read().rstrip("\r\n")
+
+
+# =============================================================================
 # 13 HTTP ROUTES
 #    make_app(cfg) -> App, whose .wsgi is a bottle.Bottle(): /.well-known/jmap,
 #    /jmap/session, /jmap/api/. Every error is an RFC 7807 problem document; a
@@ -7294,6 +7897,7 @@ def cmd_serve(cfg: Config) -> int:
     import tempfile  # lazy: only serve spools uploads
 
     started = time.monotonic()
+    serve_check_relay(cfg)
     waitress_jmap_body_limit()
     waitress_say_close()
     db_open(cfg.data_dir, create=True)
@@ -7307,6 +7911,11 @@ def cmd_serve(cfg: Config) -> int:
     sockets = serve_bind(cfg)
     lmtp_servers = lmtp_start(app, serve_bind_lmtp(cfg))
     app.bus.start_watcher(cfg.data_dir)
+    outbox = OutboxWorker(app)
+    if cfg.smtp_relay:
+        outbox.start()
+    else:
+        log.info("no --smtp-relay: EmailSubmission/set answers forbiddenToSend")
     stopping = threading.Event()
     threading.Thread(target=_housekeeping_loop, args=(app, stopping), daemon=True,
                      name="housekeeping").start()
@@ -7326,11 +7935,25 @@ def cmd_serve(cfg: Config) -> int:
     if cfg.lmtp_socket and os.path.exists(cfg.lmtp_socket):
         os.unlink(cfg.lmtp_socket)
     app.bus.stop()
+    outbox.stop(DRAIN_SECONDS)  # a message being sent gets its answer recorded
     db.close()
     if cfg.unix_socket and os.path.exists(cfg.unix_socket):
         os.unlink(cfg.unix_socket)
     log.info("stopped")
     return 0
+
+
+def serve_check_relay(cfg: Config) -> None:
+    """Refuse relay settings that would send a password in clear or cannot work."""
+    if (cfg.smtp_user or cfg.smtp_password_file) and not cfg.smtp_relay:
+        raise ConfigError("--smtp-user/--smtp-password-file need --smtp-relay")
+    if cfg.smtp_user and cfg.smtp_tls == "none":
+        raise ConfigError("--smtp-user with --smtp-tls none would send the password in clear")
+    if cfg.smtp_password_file:
+        try:
+            smtp_password(cfg)
+        except OSError as exc:
+            raise ConfigError(f"--smtp-password-file: {exc}") from exc
 
 
 def _serve_stopping(app: App) -> None:
