@@ -4447,6 +4447,19 @@ class MailboxType(TypeSpec):
                 raise invalid_properties(["role"], "another Mailbox has this role")
         if row is not None and row.role == "inbox" and values["role"] != "inbox":
             raise SetError("forbidden", "the Inbox keeps its role")
+        if row is not None and row.role != values["role"] and "trash" in (row.role,
+                                                                          values["role"]):
+            # The trash rule of unreadThreads changes for this Mailbox's threads: count
+            # them before the role moves, again after (on_update).
+            threads = mailbox_thread_pks(row.pk)
+            ctx.__dict__.setdefault("_recount", {})[row.pk] = (threads,
+                                                               thread_counts_sum(threads))
+
+    def on_update(self, ctx, row, values):
+        pending = ctx.__dict__.get("_recount", {}).pop(row.pk, None)
+        if pending:
+            threads, before = pending
+            mailbox_apply_counts(ctx.changes, before, thread_counts_sum(threads))
 
     def _sibling_named(self, ctx, parent_pk, name, row, pending) -> bool:
         """Tell whether another Mailbox under the parent has the name and keeps it.
@@ -5138,6 +5151,22 @@ def thread_counts(thread_pk: int) -> dict:
         else:  # Emails only in the trash do not count elsewhere
             c[3] = int(any(u and not all(boxes.values()) for u, boxes in emails.values()))
     return {pk: tuple(c) for pk, c in counts.items()}
+
+
+def thread_counts_sum(thread_pks: list) -> dict:
+    """thread_counts() of several threads added up per Mailbox."""
+    total: dict = {}
+    for thread_pk in thread_pks:
+        for mailbox_pk, counts in thread_counts(thread_pk).items():
+            total[mailbox_pk] = tuple(a + b for a, b in zip(
+                total.get(mailbox_pk, (0, 0, 0, 0)), counts))
+    return total
+
+
+def mailbox_thread_pks(mailbox_pk: int) -> list:
+    return [pk for (pk,) in db.execute_sql(
+        "SELECT DISTINCT e.thread_pk FROM email e JOIN email_mailbox em ON em.email_pk = e.pk "
+        "WHERE em.mailbox_pk = ? AND e.destroyed = 0", (mailbox_pk,))]
 
 
 def mailbox_apply_counts(changes: ChangeLog, before: dict, after: dict) -> None:
@@ -6227,12 +6256,13 @@ def mime_fold(name: str, value: str) -> str:
 
 
 def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_pks: list,
-                    keywords: dict | list, now: float,
-                    received: list | None = None) -> list[Email]:
+                    keywords: dict | list, now: float, received: list | None = None,
+                    auto_reply: bool = False) -> list[Email]:
     """Store messages in an account's Mailboxes and commit; return the new Emails.
 
     `keywords` is one set for all or a list with one per message; `received` optionally
-    gives each message's receivedAt (else its Received header or now).
+    gives each message's receivedAt (else its Received header or now). New mail from
+    an MTA (`auto_reply`) may get the vacation reply; imported mail never does.
     """
     stored = blob_store_many(data_dir, raws)  # durable before any row names them
     per_message = keywords if isinstance(keywords, list) else [keywords] * len(raws)
@@ -6241,8 +6271,126 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     with db.atomic("IMMEDIATE"):
         rows = [email_store(changes, account_pk, sha, raw, mailbox_pks, flags, at, now)
                 for (sha, _), raw, flags, at in zip(stored, raws, per_message, received)]
+        for raw in raws if auto_reply else ():
+            vacation_consider(data_dir, account_pk, raw, now)
         changes.flush()
     return rows
+
+
+# ---- vacation replies (RFC 8621 §8, RFC 5230, RFC 3834) ----
+
+VACATION_DAYS = 7  # RFC 5230 §4.1: one reply per sender per 7 days
+VACATION_DEFAULT_TEXT = "I am away at the moment and will read your message when I return."
+LIST_HEADERS = ("list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post",
+                "list-owner", "list-archive")
+ROBOT_SENDER_RE = re.compile(  # RFC 5230 §4.6 and RFC 3834 §2: never answer these
+    r"^(mailer-daemon|postmaster|listserv|majordomo|owner-.*|.*-request|.*-owner|"
+    r"no-?reply|do-?not-?reply|bounces?(\+.*)?)@", re.IGNORECASE)
+
+
+def vacation_consider(data_dir: str, account_pk: int, raw: bytes, now: float) -> None:
+    """Queue the vacation reply a newly delivered message deserves, if any (in the
+    delivery's transaction, so the reply is durable exactly when the mail is)."""
+    vacation = VacationResponse.get_or_none((VacationResponse.account_pk == account_pk)
+                                            & (VacationResponse.destroyed == False))  # noqa: E712
+    if vacation is None or not vacation_active(vacation, now):
+        return
+    root = mime_email(raw)
+    sender = vacation_sender(root)
+    why = vacation_refusal(root, sender, account_addresses(account_pk))
+    if why:
+        log.getChild("vacation").info("no vacation reply: %s", why)
+        return
+    last = VacationSent.get_or_none((VacationSent.account_pk == account_pk)
+                                    & (VacationSent.sender == sender.lower()))
+    if last is not None and now - last.sent_at < VACATION_DAYS * 86400:
+        return  # RFC 3834 §2: not again to the same sender within the period
+    VacationSent.insert(account_pk=account_pk, sender=sender.lower(),
+                        sent_at=int(now)).on_conflict_replace().execute()
+    identity = Identity.select().where((Identity.account_pk == account_pk)
+                                       & (Identity.destroyed == False)  # noqa: E712
+                                       ).order_by(Identity.may_delete, Identity.pk).first()
+    reply = vacation_reply(vacation, root, identity, sender, now)
+    sha, size = blob_store_bytes(data_dir, reply)
+    blob_add_ref(account_pk, sha, size, "outbox", now)
+    Outbox.create(account_pk=account_pk, sha256=sha, mail_from="",  # RFC 5230 §5.1: <>
+                  rcpts=json_dumps([[sender, {"NOTIFY": "NEVER"}]]),
+                  next_attempt_at=int(now), created_at=int(now))
+    log.getChild("vacation").info("vacation reply to %s queued", sender)
+
+
+def vacation_sender(root: MimePart) -> str | None:
+    """The envelope sender the MTA recorded in Return-Path; None for <> (a bounce)."""
+    value = root.header("return-path")
+    if value is None:
+        return None
+    found = re.search(r"<([^<>\s]*)>", value) or re.search(r"(\S+@\S+)", value)
+    address = found.group(1) if found else ""
+    return address if SEND_ADDRESS_RE.match(address) else None
+
+
+def vacation_refusal(root: MimePart, sender: str | None, owned: set) -> str | None:
+    """Why this message must get no automatic reply (RFC 3834 §2, RFC 5230 §4.5), or None."""
+    if sender is None:
+        return "no envelope sender (a bounce, or no Return-Path)"
+    auto = root.header("auto-submitted")
+    if auto is not None and mime_strip_comments(_unfold(auto)).strip().lower() != "no":
+        return "Auto-Submitted"
+    precedence = (root.header("precedence") or "").strip().lower()
+    if precedence in ("bulk", "list", "junk"):
+        return f"Precedence: {precedence}"
+    if any(root.header(name) is not None for name in LIST_HEADERS):
+        return "a mailing list message"
+    if "oof" in (root.header("x-auto-response-suppress") or "").lower() or \
+            "all" in (root.header("x-auto-response-suppress") or "").lower():
+        return "X-Auto-Response-Suppress"
+    if ROBOT_SENDER_RE.match(sender):
+        return f"{sender} is an automated sender"
+    if sender.lower() in owned:
+        return "mail from the account itself"
+    named = set()
+    for name in ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"):
+        for value in (v for n, v in root.headers if n.lower() == name):
+            for address in mime_header_value(value, "Addresses"):
+                local, _, domain = (address["email"] or "").lower().rpartition("@")
+                named.add(f"{local.split('+')[0]}@{domain}")
+    if not named & owned:
+        return "the account's address is not among the recipients"
+    return None
+
+
+def vacation_reply(vacation: VacationResponse, root: MimePart, identity: Identity,
+                   sender: str, now: float) -> bytes:
+    """The reply (RFC 3834 §3, RFC 5230 §5): Auto-Submitted, threaded to the original."""
+    subject = vacation.subject
+    if subject is None:
+        original = mime_header_property(root.headers, "header:Subject:asText")
+        subject = f"Auto: {original}" if original else "Automated reply"
+    text, html = vacation.text_body, vacation.html_body
+    if text is None:
+        text = mime_html_to_text(html) if html is not None else VACATION_DEFAULT_TEXT
+    body = MimeOut("text/plain", [("charset", "utf-8")])
+    body.body, body.cte = mime_encode_text(text)
+    if html is not None:
+        html_part = MimeOut("text/html", [("charset", "utf-8")])
+        html_part.body, html_part.cte = mime_encode_text(html)
+        body = MimeOut("multipart/alternative", children=[body, html_part])
+    own = {"name": identity.name or None, "email": identity.email}
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    domain = identity.email.rpartition("@")[2] or "jmapd.invalid"
+    fields = [("From", mime_write_value("Addresses", [own])),
+              ("To", mime_write_value("Addresses", [{"name": None, "email": sender}])),
+              ("Subject", mime_write_value("Text", subject)),
+              ("Date", " " + moment.strftime("%a, %d %b %Y %H:%M:%S +0000")),
+              ("Message-ID", f" <{secrets.token_hex(16)}@{domain}>"),
+              ("Auto-Submitted", " auto-replied")]
+    message_ids = mime_header_property(root.headers, "header:Message-ID:asMessageIds") or []
+    if message_ids:
+        references = mime_header_property(root.headers, "header:References:asMessageIds") or []
+        fields.append(("In-Reply-To", mime_write_value("MessageIds", message_ids[:1])))
+        fields.append(("References", mime_write_value("MessageIds", references + message_ids[:1])))
+    fields.append(("MIME-Version", " 1.0"))
+    return mime_render(body, fields)
 
 
 # ---- import: mbox, Maildir, directories of .eml ----
@@ -6527,7 +6675,7 @@ class LmtpSession:
             deliver_check_space(self.app.cfg.data_dir, len(raw))
             mailbox_pk = deliver_mailbox(account.pk, detail)
             deliver_message(self.app.cfg.data_dir, account.pk, [raw], [mailbox_pk], {},
-                            self.app.clock.now())
+                            self.app.clock.now(), auto_reply=True)
         except DeliveryTemporaryError as exc:
             log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
             return f"452 4.3.1 {exc}"
@@ -7624,7 +7772,8 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
         account, detail = found
         deliver_check_space(cfg.data_dir, len(raw))
         mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox or detail)
-        deliver_message(cfg.data_dir, account.pk, [raw], [mailbox_pk], {}, time.time())
+        deliver_message(cfg.data_dir, account.pk, [raw], [mailbox_pk], {}, time.time(),
+                        auto_reply=True)
     except (DeliveryTemporaryError, DataDirMissing, ConfigError, peewee.OperationalError,
             OSError) as exc:
         print(f"jmapd: delivery deferred: {exc}", file=sys.stderr)
