@@ -6257,12 +6257,13 @@ def mime_fold(name: str, value: str) -> str:
 
 def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_pks: list,
                     keywords: dict | list, now: float, received: list | None = None,
-                    auto_reply: bool = False) -> list[Email]:
+                    incoming: bool = False) -> list[Email]:
     """Store messages in an account's Mailboxes and commit; return the new Emails.
 
     `keywords` is one set for all or a list with one per message; `received` optionally
     gives each message's receivedAt (else its Received header or now). New mail from
-    an MTA (`auto_reply`) may get the vacation reply; imported mail never does.
+    an MTA (`incoming`) may get the vacation reply and may be a delivery report for
+    mail we sent; imported mail is neither.
     """
     stored = blob_store_many(data_dir, raws)  # durable before any row names them
     per_message = keywords if isinstance(keywords, list) else [keywords] * len(raws)
@@ -6271,8 +6272,9 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     with db.atomic("IMMEDIATE"):
         rows = [email_store(changes, account_pk, sha, raw, mailbox_pks, flags, at, now)
                 for (sha, _), raw, flags, at in zip(stored, raws, per_message, received)]
-        for raw in raws if auto_reply else ():
+        for (sha, _), raw in zip(stored, raws) if incoming else ():
             vacation_consider(data_dir, account_pk, raw, now)
+            submission_apply_report(changes, account_pk, raw, sha)
         changes.flush()
     return rows
 
@@ -6675,7 +6677,7 @@ class LmtpSession:
             deliver_check_space(self.app.cfg.data_dir, len(raw))
             mailbox_pk = deliver_mailbox(account.pk, detail)
             deliver_message(self.app.cfg.data_dir, account.pk, [raw], [mailbox_pk], {},
-                            self.app.clock.now(), auto_reply=True)
+                            self.app.clock.now(), incoming=True)
         except DeliveryTemporaryError as exc:
             log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
             return f"452 4.3.1 {exc}"
@@ -7095,6 +7097,74 @@ def submission_record_replies(changes: ChangeLog, submission_pk: int, replies: d
     if relayed or finished:
         row.undo_status = "final"
     record_change(changes, "EmailSubmission", row, "updated")
+
+
+def submission_apply_report(changes: ChangeLog, account_pk: int, raw: bytes, sha: str) -> None:
+    """A DSN (RFC 3464) or MDN (RFC 8098) for mail we sent updates its EmailSubmission:
+    deliveryStatus delivered/displayed, dsnBlobIds/mdnBlobIds (RFC 8621 §7)."""
+    root = mime_email(raw)
+    if root.type != "multipart/report":
+        return
+    kinds = {"message/delivery-status": "dsn", "message/global-delivery-status": "dsn",
+             "message/disposition-notification": "mdn"}
+    report = next((p for p in mime_walk(root) if p.type in kinds), None)
+    if report is None:
+        return
+    blocks = [dict((n.lower(), _unfold(v).strip()) for n, v in mime_header_fields(block))
+              for block in re.split(rb"\r?\n[ \t]*\r?\n", mime_decoded(report)) if block.strip()]
+    if not blocks:
+        return
+    row = submission_for_report(account_pk, root, blocks[0])
+    if row is None:
+        return
+    status = json.loads(row.delivery_status or "{}")
+    by_lower = {address.lower(): address for address in status}
+    for block in blocks if kinds[report.type] == "mdn" else blocks[1:]:
+        recipient = block.get("final-recipient") or block.get("original-recipient") or ""
+        address = by_lower.get(recipient.partition(";")[2].strip().strip("<>").lower())
+        if address is None:
+            continue
+        if kinds[report.type] == "mdn":
+            if "displayed" in block.get("disposition", "").lower():
+                status[address]["displayed"] = "yes"  # RFC 8621 §7 / RFC 8098 §3.2.6.2
+            continue
+        action = block.get("action", "").lower()
+        if action in ("delivered", "failed"):  # RFC 8621 §7: other actions leave it
+            status[address]["delivered"] = "yes" if action == "delivered" else "no"
+        diagnostic = block.get("diagnostic-code", "")
+        if diagnostic.lower().startswith("smtp;"):
+            status[address]["smtpReply"] = diagnostic[5:].strip()
+        elif block.get("status"):
+            code = {"2": "250", "4": "450", "5": "550"}.get(block["status"][:1], "250")
+            status[address]["smtpReply"] = f"{code} {block['status']} {action or 'reported'}"
+    column = "dsn_blob_ids" if kinds[report.type] == "dsn" else "mdn_blob_ids"
+    setattr(row, column, json_dumps(json.loads(getattr(row, column)) + [blob_id(sha)]))
+    row.delivery_status = json_dumps(status)
+    record_change(changes, "EmailSubmission", row, "updated")
+
+
+def submission_for_report(account_pk: int, root: MimePart, first: dict):
+    """The EmailSubmission a report is about: by ENVID, else by the returned Message-ID."""
+    live = EmailSubmission.select().where((EmailSubmission.account_pk == account_pk)
+                                          & (EmailSubmission.destroyed == False))  # noqa: E712
+    envid = first.get("original-envelope-id", "")
+    pk = pk_from_id("S", envid)
+    if pk is not None:
+        row = live.where(EmailSubmission.pk == pk).first()
+        if row is not None:
+            return row
+    wanted = mime_message_ids(first.get("original-message-id", "")) or []
+    for part in mime_walk(root):
+        if part.type in ("text/rfc822-headers", "message/rfc822", "message/global",
+                         "message/global-headers"):
+            fields = mime_header_fields(mime_split(mime_decoded(part))[0]
+                                        if part.type.startswith("message/")
+                                        else mime_decoded(part))
+            wanted += mime_header_property(fields, "header:Message-ID:asMessageIds") or []
+    if not wanted:
+        return None
+    return live.where(EmailSubmission.message_id.in_(wanted)).order_by(
+        EmailSubmission.pk.desc()).first()
 
 
 def smtp_reply_text(code: int, text) -> str:
@@ -7773,7 +7843,7 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
         deliver_check_space(cfg.data_dir, len(raw))
         mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox or detail)
         deliver_message(cfg.data_dir, account.pk, [raw], [mailbox_pk], {}, time.time(),
-                        auto_reply=True)
+                        incoming=True)
     except (DeliveryTemporaryError, DataDirMissing, ConfigError, peewee.OperationalError,
             OSError) as exc:
         print(f"jmapd: delivery deferred: {exc}", file=sys.stderr)
