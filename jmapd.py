@@ -326,7 +326,7 @@ class CoreLimits:
 #     keys are ints (`pk`); id_for()/pk_from_id() are the only bridge.
 # =============================================================================
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # RFC 8620 §1.2
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")  # RFC 8620 §1.2
 
 
 def is_valid_id(value) -> bool:
@@ -1771,7 +1771,7 @@ def db_purge_tombstones(models: dict, horizon_days: int, now: float) -> int:
 
 ARGON2_PI = (3, 65536, 1)  # time cost, memory KiB (64 MiB), lanes: ~100 ms on a Pi 4
 ARGON2_CHEAP = (1, 8, 1)  # --test-cheap-hashing only
-USERNAME_RE = re.compile(r"^[^@\s\"(),:;<>\[\\\]]{1,64}@[A-Za-z0-9.-]{1,253}$")
+USERNAME_RE = re.compile(r"^[^@\s\"(),:;<>\[\\\]]{1,64}@[A-Za-z0-9.-]{1,253}\Z")
 
 
 def auth_normalise_username(raw_username: str) -> str:
@@ -1782,7 +1782,7 @@ def auth_normalise_username(raw_username: str) -> str:
     return username
 
 
-TOKEN_RE = re.compile(r"^([A-Za-z0-9_-]{8,32})\.([A-Za-z0-9_-]{16,128})$")  # <id>.<secret>
+TOKEN_RE = re.compile(r"^([A-Za-z0-9_-]{8,32})\.([A-Za-z0-9_-]{16,128})\Z")  # <id>.<secret>
 LOGIN_WINDOW_SECONDS = 900
 
 
@@ -3070,7 +3070,9 @@ def method_copy(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
     result["created"] = result["created"] or None
     result["notCreated"] = result["notCreated"] or None
-    if args["onSuccessDestroyOriginal"] and copied:
+    if args["onSuccessDestroyOriginal"] and copied and src.read_only:
+        ctx.extra_responses.append(("error", {"type": "accountReadOnly"}))  # RFC 8620 §3.6.2
+    elif args["onSuccessDestroyOriginal"] and copied:
         # RFC 8620 §5.4: an implicit Foo/set in the from-account, answered after this call.
         destroy_args = {"accountId": src.account.id, "destroy": copied,
                         "ifInState": args["destroyFromIfInState"]}
@@ -3545,7 +3547,7 @@ _DEFINED_HEADERS = (_ADDRESS_HEADERS | _MSGID_HEADERS | _DATE_HEADERS | _URL_HEA
 _FORM_HEADERS = {"Text": _TEXT_HEADERS, "Addresses": _ADDRESS_HEADERS,
                  "GroupedAddresses": _ADDRESS_HEADERS, "MessageIds": _MSGID_HEADERS,
                  "Date": _DATE_HEADERS, "URLs": _URL_HEADERS}
-HEADER_PROP_RE = re.compile(r"^header:([\x21-\x39\x3b-\x7e]+)(?::as([A-Za-z]+))?(:all)?$")
+HEADER_PROP_RE = re.compile(r"^header:([\x21-\x39\x3b-\x7e]+)(?::as([A-Za-z]+))?(:all)?\Z")
 ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _LINE_END_RE = re.compile(rb"\r?\n")
 
@@ -4651,7 +4653,7 @@ BODY_PART_PROPERTIES = ("partId", "blobId", "size", "headers", "name", "type", "
                         "disposition", "cid", "language", "location", "subParts")
 DEFAULT_BODY_PROPERTIES = ["partId", "blobId", "size", "name", "type", "charset",
                            "disposition", "cid", "language", "location"]
-KEYWORD_RE = re.compile(r'^[\x21-\x7e]{1,255}$')
+KEYWORD_RE = re.compile(r'^[\x21-\x7e]{1,255}\Z')
 KEYWORD_FORBIDDEN = set('(){]%*"\\')
 
 
@@ -5766,10 +5768,11 @@ PART_CREATE_PROPS = {"partId", "blobId", "size", "name", "type", "charset", "dis
                      "cid", "language", "location", "subParts"}
 PART_HEADER_OF = {"disposition": "content-disposition", "cid": "content-id",
                   "language": "content-language", "location": "content-location"}
-MIME_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
-ATEXT_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+MIME_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\Z")
+ATEXT_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 FOLD_AT = 78  # RFC 5322 §2.1.1: SHOULD be no more than 78 characters
-ENCODED_WORD_OCTETS = 45  # base64 of 45 octets + "=?UTF-8?B??=" is 72 <= 75 (RFC 2047 §2)
+ENCODED_WORD_OCTETS = 30  # "=?UTF-8?B?" + base64 of 30 octets + "?=" is 52: with a field
+# name of up to 25 characters the first line still fits 78 (RFC 2047 §2: words <= 75)
 
 
 @dataclass
@@ -5967,7 +5970,9 @@ def mime_write_group(group) -> str:
         return members
     if not isinstance(group["name"], str):
         raise ValueError("a group name is a String")
-    return f"{mime_write_phrase(group['name'])}: {members};"
+    phrase = mime_write_phrase(group["name"])
+    space = " " if phrase.endswith("?=") else ""  # RFC 2047 §5(3): a word, then white space
+    return f"{phrase}{space}: {members};"
 
 
 def mime_write_date(value) -> str:
@@ -6141,9 +6146,9 @@ def _write_part_fields(draft: EmailDraft, obj: dict, where: str, out: MimeOut) -
 
 def mime_write_param(name: str, value: str) -> str:
     """A parameter: a token, a quoted string, or RFC 2231 UTF-8 percent-encoding in pieces."""
-    if re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+", value):
+    if re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]{1,40}", value):
         return f"{name}={value}"
-    if re.fullmatch(r"[\x20-\x7e]*", value) and len(value) <= 60:
+    if re.fullmatch(r"[\x20-\x7e]{0,40}", value) and "=?" not in value:  # not a 2047 lookalike
         return f'{name}="' + re.sub(r'(["\\])', r"\\\1", value) + '"'
     encoded = urllib.parse.quote(value, safe="!#$&+-.^_`|~")
     pieces = _rejoin_escapes(encoded)
@@ -6154,10 +6159,10 @@ def mime_write_param(name: str, value: str) -> str:
 
 
 def _rejoin_escapes(encoded: str) -> list:
-    """Cut percent-encoded text in pieces of about 60 without splitting a %XX escape."""
+    """Cut percent-encoded text in pieces of about 40 without splitting a %XX escape."""
     pieces, current = [], ""
     for token in re.findall(r"%[0-9A-F]{2}|.", encoded):
-        if len(current) + len(token) > 60:
+        if len(current) + len(token) > 40:
             pieces.append(current)
             current = ""
         current += token
@@ -6167,7 +6172,7 @@ def _rejoin_escapes(encoded: str) -> list:
 def mime_encode_text(text: str) -> tuple[bytes, str]:
     """A text body value as CRLF lines: 7bit if it can be, else quoted-printable or base64."""
     data = re.sub(r"\r\n|\r|\n", "\r\n", text).encode("utf-8")
-    if mime_is_7bit(data):
+    if mime_is_7bit(data) and not re.search(rb"[^\r\n]{79}", data):  # RFC 5322 §2.1.1: 78
         return data, "7bit"
     high = sum(1 for byte in data if byte > 0x7e)
     if high * 3 > len(data):  # mostly non-ASCII (e.g. CJK): base64 is shorter
@@ -6177,11 +6182,14 @@ def mime_encode_text(text: str) -> tuple[bytes, str]:
 
 def mime_encode_blob(ctype: str, data: bytes) -> tuple[bytes, str]:
     """Blob content: 7bit when it is clean; messages stay readable (RFC 2046 §5.2.1)."""
-    if mime_is_7bit(data):
-        return data, "7bit"
-    if ctype.startswith("message/"):
+    if ctype.startswith("message/"):  # never base64 (RFC 2046 §5.2.1): CRLF lines instead
+        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+        if mime_is_7bit(data):
+            return data, "7bit"
         return data, "8bit" if b"\0" not in data and not re.search(
             rb"[^\r\n]{999}", data) else "binary"
+    if mime_is_7bit(data):
+        return data, "7bit"
     return mime_base64(data), "base64"
 
 
@@ -6730,7 +6738,7 @@ MAIL_PARAMS = {"BODY", "SMTPUTF8", "ENVID", "RET", "SIZE", "HOLDFOR", "HOLDUNTIL
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 PARAM_EXTENSION = {"BODY": "8bitmime", "SMTPUTF8": "smtputf8", "ENVID": "dsn", "RET": "dsn",
                    "SIZE": "size", "NOTIFY": "dsn", "ORCPT": "dsn"}
-SEND_ADDRESS_RE = re.compile(r"^[^\s<>@]+@[^\s<>@.][^\s<>@]*$")
+SEND_ADDRESS_RE = re.compile(r"^[^\s<>@]+@[^\s<>@.][^\s<>@]*\Z")
 SMTP_TIMEOUT_S = 60
 RETRY_MAX_S = 3600
 
@@ -7269,11 +7277,11 @@ def smtp_password(cfg) -> str:
 #    401 carries WWW-Authenticate. X-Forwarded-* are never read here.
 # =============================================================================
 
-HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?\Z|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?\Z")
 NO_STORE = "no-cache, no-store, must-revalidate"  # RFC 8620 §2
 PROBLEM_TYPE = "application/problem+json"  # RFC 7807 §3
 MEDIA_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-                           r"(\s*;\s*[A-Za-z0-9_.+-]+=(\"[^\"\\\r\n]*\"|[A-Za-z0-9_.+-]+))*$")
+                           r"(\s*;\s*[A-Za-z0-9_.+-]+=(\"[^\"\\\r\n]*\"|[A-Za-z0-9_.+-]+))*\Z")
 FORWARDED_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
                      "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_SCHEME", "HTTP_X_FORWARDED_SSL",
                      "HTTP_FORWARDED", "HTTP_X_REAL_IP")
