@@ -45,6 +45,7 @@ INDEX
     8.1 deliver_message
     8.2 LMTP
     8.3 Submission (EmailSubmission, outbox)
+    12  WebSocket (RFC 8887, RFC 6455)
     13  HTTP routes
     14  CLI commands and main
 
@@ -255,6 +256,7 @@ CAP_CORE = "urn:ietf:params:jmap:core"
 CAP_MAIL = "urn:ietf:params:jmap:mail"
 CAP_SUBMISSION = "urn:ietf:params:jmap:submission"
 CAP_VACATION = "urn:ietf:params:jmap:vacationresponse"
+CAP_WEBSOCKET = "urn:ietf:params:jmap:websocket"
 
 PROBLEM_PREFIX = "urn:ietf:params:jmap:error:"
 
@@ -602,6 +604,9 @@ OPTIONS = (
     Opt("--unix-socket", None, str, "also serve HTTP on this Unix socket (for a local proxy)"),
     Opt("--lmtp", None, conv_listen, "also accept mail by LMTP on HOST:PORT (RFC 2033)"),
     Opt("--lmtp-socket", None, str, "also accept mail by LMTP on this Unix socket"),
+    Opt("--websocket", None, conv_listen,
+        "also serve JMAP over WebSocket on HOST:PORT (RFC 8887; map /jmap/ws/ onto it)"),
+    Opt("--max-websockets", 32, conv_positive, "WebSocket connections open at once, in all"),
     Opt("--user", None, str, "the address the mail is for", ("deliver", "import")),
     Opt("--mailbox", None, str, "a role (inbox, junk, …) or Mailbox name; else the Inbox",
         ("deliver", "import")),
@@ -667,6 +672,8 @@ class Config:
     unix_socket: str | None = None
     lmtp: tuple | None = None
     lmtp_socket: str | None = None
+    websocket: tuple | None = None
+    max_websockets: int = 32
     user: str | None = None
     mailbox: str | None = None
     alias: str | None = None
@@ -1962,7 +1969,7 @@ def session_account_capabilities(app, read_only: bool = False) -> dict:
     }
 
 
-def session_resource(app, user: Account, base_url: str) -> dict:
+def session_resource(app, user: Account, base_url: str, forwarded: bool = False) -> dict:
     """Build the JMAP Session object (RFC 8620 §2) for a user."""
     accounts = {
         account.id: {
@@ -1986,8 +1993,23 @@ def session_resource(app, user: Account, base_url: str) -> dict:
             f"{base_url}/jmap/eventsource/?types={{types}}&closeafter={{closeafter}}&ping={{ping}}"
         ),
     }
+    if app.cfg.websocket:  # RFC 8887 §4.1
+        session["capabilities"][CAP_WEBSOCKET] = {"url": ws_url(app, base_url, forwarded),
+                                                  "supportsPush": True}
     session["state"] = session_state(session)
     return session
+
+
+def ws_url(app, base_url: str, forwarded: bool) -> str:
+    """The WebSocket URL: through a proxy (--public-url, or a request a trusted proxy
+    forwarded) the same origin, which the proxy maps onto our listener; asked directly,
+    our own listener's port on the host the client used."""
+    if app.cfg.public_url or forwarded or not base_url:
+        scheme, _, rest = (app.cfg.public_url or base_url).partition("://")
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{WS_PATH}"
+    host = urllib.parse.urlsplit(base_url).hostname or app.cfg.websocket[0]
+    host = f"[{host}]" if ":" in host else host
+    return f"ws://{host}:{app.ws_port}{WS_PATH}"
 
 
 def session_state(session: dict) -> str:
@@ -1997,6 +2019,8 @@ def session_state(session: dict) -> str:
     used), and an API response must be able to report the state without them.
     """
     content = {k: session[k] for k in ("capabilities", "accounts", "primaryAccounts", "username")}
+    if CAP_WEBSOCKET in content["capabilities"]:
+        content["capabilities"] = {**content["capabilities"], CAP_WEBSOCKET: "url left out"}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     return digest[:16]
 
@@ -2277,6 +2301,27 @@ def _use_account(ctx: Call, method: Method, raw_account_id) -> None:
         raise MethodError("accountReadOnly")
     ctx.account, ctx.read_only = account, read_only
     ctx.changes = ChangeLog(account.pk, ctx.now)
+
+
+class InflightSlot:
+    """Count a user's requests of one kind in flight against a limit (RFC 8620 §2)."""
+
+    def __init__(self, app, user: Account, kind: str, limit: int):
+        self.app, self.key, self.kind, self.limit = app, (user.pk, kind), kind, limit
+
+    def __enter__(self):
+        with self.app.inflight_lock:
+            count = self.app.inflight.get(self.key, 0)
+            if count >= self.limit:
+                raise RequestError("limit", f"more than {self.limit} at once ({self.kind})",
+                                   limit=self.kind)
+            self.app.inflight[self.key] = count + 1
+        return self
+
+    def __exit__(self, *exc):
+        with self.app.inflight_lock:
+            self.app.inflight[self.key] -= 1
+        return False
 
 
 # ---- argument checking: one table per method, checked before the handler runs ----
@@ -3485,20 +3530,14 @@ def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s
 
     `gone` tells whether the client has hung up (waitress's client_disconnected).
     """
-    accounts = {a.pk: a.id for a, _ in app.accessible_accounts(user).values()}
-    versions = {pk: app.bus.snapshot(pk)[0] for pk in accounts}
-    sent = {accounts[pk]: app.bus.snapshot(pk)[1] for pk in accounts}
-    if last_event_id:  # RFC 8620 §7.3: send what the client missed, at once
-        seen = push_parse_event_id(last_event_id)
-        sent = {a: {t: s for t, s in st.items() if int(s) <= seen.get(a, -1)}
-                for a, st in sent.items()}
+    # RFC 8620 §7.3: with Last-Event-ID, what the client missed is sent at once
+    watch = PushWatch(app, user, types, push_parse_event_id(last_event_id)
+                      if last_event_id else None)
     yield ": jmapd event stream\n\n"
     last_event = last_write = time.monotonic()
     while not app.bus.stopping.is_set() and not gone():
-        now = {accounts[pk]: app.bus.snapshot(pk)[1] for pk in accounts}
-        changed = push_state_changes(sent, now, types)
+        changed, now = watch.changes()
         if changed:
-            sent = now
             body = json_dumps({"@type": "StateChange", "changed": changed})
             yield f"event: state\nid: {push_event_id(now)}\ndata: {body}\n\n"
             last_event = time.monotonic()
@@ -3512,9 +3551,38 @@ def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s
             yield ": keep-alive\n\n"  # a comment, not an event (RFC 8620 §7.3: no pings)
             last_write = time.monotonic()
         wait_s = ping_s - (time.monotonic() - last_event) if ping_s else KEEPALIVE_S
-        moved = app.bus.wait_any(versions, min(1.0, max(0.01, wait_s)))
-        if moved != versions:
-            versions = moved
+        watch.wait(min(1.0, max(0.01, wait_s)))
+
+
+class PushWatch:
+    """The states one push channel has told its client, and waiting for more
+    (RFC 8620 §7.1); shared by EventSource and WebSocket push."""
+
+    def __init__(self, app, user: Account, types, seen: dict | None):
+        self.app, self.types = app, types
+        self.accounts = {a.pk: a.id for a, _ in app.accessible_accounts(user).values()}
+        self.versions = {pk: app.bus.snapshot(pk)[0] for pk in self.accounts}
+        self.sent = self.states()
+        if seen is not None:  # resuming: states newer than the client's count as changed
+            self.sent = {a: {t: s for t, s in st.items() if int(s) <= seen.get(a, -1)}
+                         for a, st in self.sent.items()}
+
+    def states(self) -> dict:
+        return {self.accounts[pk]: self.app.bus.snapshot(pk)[1] for pk in self.accounts}
+
+    def changes(self) -> tuple[dict, dict]:
+        """(StateChange.changed since the last call, all current states)."""
+        now = self.states()
+        changed = push_state_changes(self.sent, now, self.types)
+        if changed:
+            self.sent = now
+        return changed, now
+
+    def wait(self, timeout_s: float) -> None:
+        """Until a watched account moves on (then a moment more, to coalesce) or timeout."""
+        moved = self.app.bus.wait_any(self.versions, timeout_s)
+        if moved != self.versions:
+            self.versions = moved
             time.sleep(COALESCE_S)
 
 
@@ -7271,6 +7339,399 @@ def smtp_password(cfg) -> str:
 
 
 # =============================================================================
+# 12 WEBSOCKET -- JMAP over WebSocket (RFC 8887) on our own small listener
+#     Our own minimal RFC 6455 server side: handshake, framing, fragments, ping/
+#     pong, close codes, a message size limit. waitress has no public way to hand
+#     a connection over, and the request read-ahead EventSource relies on to see
+#     hang-ups would swallow the frames; so WebSockets get a listener of their own
+#     (--websocket HOST:PORT) that the proxy configs in contrib/ map onto
+#     /jmap/ws/ of the same origin. Connections hold no waitress worker.
+# =============================================================================
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+WS_PATH = "/jmap/ws/"
+WS_MAX_HEAD = 16384
+WS_HANDSHAKE_TIMEOUT_S = 10
+WS_PING_S = 30  # an idle connection is pinged so proxies and NAT keep it open
+WS_CLOSE_CODES = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
+
+
+class WebSocketClosed(Exception):
+    """The connection is over: a close frame went both ways, or the peer vanished."""
+
+    def __init__(self, code: int, reason: str = ""):
+        super().__init__(f"{code} {reason}")
+        self.code, self.reason = code, reason
+
+
+class WebSocket:
+    """The server side of one RFC 6455 connection after the handshake."""
+
+    def __init__(self, sock: socket.socket, max_message: int):
+        self.sock, self.max_message = sock, max_message
+        self.reader = sock.makefile("rb")
+        self.send_lock = threading.Lock()
+        self.close_sent = False
+
+    # ---- sending (any thread) ----
+    def send_text(self, text: str) -> None:
+        self._send(0x1, text.encode("utf-8"))
+
+    def ping(self) -> None:
+        self._send(0x9, b"")
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame (once) and stop writing; the reader sees the end."""
+        try:
+            self._send(0x8, code.to_bytes(2, "big") + reason.encode("utf-8")[:120])
+        except OSError:
+            pass
+        finally:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        size = len(payload)
+        if size < 126:
+            head = bytes([0x80 | opcode, size])
+        elif size < 65536:
+            head = bytes([0x80 | opcode, 126]) + size.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 127]) + size.to_bytes(8, "big")
+        with self.send_lock:  # server frames are never masked (RFC 6455 §5.1)
+            if self.close_sent:
+                raise WebSocketClosed(1006, "closed")
+            self.close_sent = opcode == 0x8
+            self.sock.sendall(head + payload)
+
+    # ---- receiving (the connection's thread) ----
+    def receive(self) -> str:
+        """The next text message, its fragments joined; control frames handled on the way."""
+        fragments, total, first = [], 0, None
+        while True:
+            fin, opcode, payload = self._frame()
+            if opcode >= 0x8:
+                self._control(opcode, payload)
+                continue
+            if (opcode == 0) == (first is None):  # RFC 6455 §5.4
+                self.fail(1002, "unexpected continuation" if opcode == 0
+                          else "a new message before the last one ended")
+            first = first if opcode == 0 else opcode
+            total += len(payload)
+            if total > self.max_message:
+                self.fail(1009, f"message larger than {self.max_message} octets")
+            fragments.append(payload)
+            if fin:
+                break
+        if first == 0x2:
+            self.fail(1003, "JMAP messages are text frames")  # RFC 8887 §4.3.1
+        try:
+            return b"".join(fragments).decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(1007, "text frames must be UTF-8")
+
+    def fail(self, code: int, reason: str):
+        self.close(code, reason)
+        raise WebSocketClosed(code, reason)
+
+    def _read(self, size: int) -> bytes:
+        data = self.reader.read(size) if size else b""
+        if len(data) < size:
+            raise WebSocketClosed(1006, "connection lost")
+        return data
+
+    def _frame(self) -> tuple[bool, int, bytes]:
+        first, second = self._read(2)
+        fin, opcode = bool(first & 0x80), first & 0x0F
+        if first & 0x70:
+            self.fail(1002, "no extension was negotiated")
+        if opcode not in (0x0, 0x1, 0x2, 0x8, 0x9, 0xA):
+            self.fail(1002, f"unknown opcode {opcode}")
+        if not second & 0x80:
+            self.fail(1002, "client frames must be masked")  # RFC 6455 §5.1
+        size = second & 0x7F
+        if size == 126:
+            size = int.from_bytes(self._read(2), "big")
+        elif size == 127:
+            size = int.from_bytes(self._read(8), "big")
+            if size >> 63:
+                self.fail(1002, "bad length")
+        if opcode >= 0x8 and (size > 125 or not fin):
+            self.fail(1002, "control frames are short and whole")  # RFC 6455 §5.5
+        if size > self.max_message:
+            self.fail(1009, f"message larger than {self.max_message} octets")
+        mask = self._read(4)
+        data = self._read(size)
+        if size:  # unmask with one big-integer XOR instead of a loop per octet
+            key = (mask * (size // 4 + 1))[:size]
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+        return fin, opcode, data
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x9:
+            self._send(0xA, payload)
+        elif opcode == 0x8:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+            if len(payload) == 1 or (len(payload) >= 2 and code not in WS_CLOSE_CODES):
+                self.fail(1002, "bad close frame")
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                self.fail(1007, "close reason is not UTF-8")
+            self.close(code)  # RFC 6455 §5.5.1: answer the close, then end
+            raise WebSocketClosed(code, "closed by the client")
+
+
+def ws_handshake(app, sock: socket.socket, peer: str):
+    """Read the upgrade request (RFC 6455 §4.2) and authenticate it; return
+    (user, reply headers) or send an HTTP error and return None."""
+    sock.settimeout(WS_HANDSHAKE_TIMEOUT_S)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk or len(head) + len(chunk) > WS_MAX_HEAD:
+            return ws_refuse(sock, 400, "bad request") if chunk else None
+        head += chunk
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    method, _, rest = lines[0].partition(" ")
+    target = rest.rpartition(" ")[0]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    path, _, query = target.partition("?")
+    params = urllib.parse.parse_qs(query)
+    if method != "GET" or path.rstrip("/") != WS_PATH.rstrip("/"):
+        return ws_refuse(sock, 404, "not found")
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if "websocket" not in headers.get("upgrade", "").lower() or "upgrade" not in tokens:
+        return ws_refuse(sock, 426, "this endpoint speaks WebSocket only",
+                         {"Upgrade": "websocket", "Connection": "Upgrade"})
+    if headers.get("sec-websocket-version") != "13":
+        return ws_refuse(sock, 426, "WebSocket version 13 only", {"Sec-WebSocket-Version": "13"})
+    key = headers.get("sec-websocket-key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError(key)
+    except ValueError:
+        return ws_refuse(sock, 400, "bad Sec-WebSocket-Key")
+    protocols = {p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")}
+    if "jmap" not in protocols:  # RFC 8887 §4.2: the jmap subprotocol or nothing
+        return ws_refuse(sock, 400, "the jmap subprotocol (Sec-WebSocket-Protocol: jmap) is "
+                                    "required")
+    environ = {"REMOTE_ADDR": peer, "HTTP_HOST": headers.get("host", ""),
+               "wsgi.url_scheme": "http"}
+    environ.update({"HTTP_" + n.upper().replace("-", "_"): v for n, v in headers.items()
+                    if n.startswith("x-forwarded-")})
+    http_apply_proxy_headers(app.cfg, environ)
+    user = ws_authenticate(app, sock, headers, params, environ)
+    if user is None:
+        return None
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+    return user, environ["REMOTE_ADDR"], (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: jmap\r\n\r\n")
+
+
+def ws_authenticate(app, sock, headers: dict, params: dict, environ: dict):
+    """Authorization header, or for browsers an app password as ?access_token=.
+
+    A browser sends Origin; its Basic credentials reach a foreign page's WebSocket
+    too (cross-site hijacking), so from another origin only an explicit
+    access_token is taken."""
+    authorization = headers.get("authorization", "")
+    token = (params.get("access_token") or [""])[0]
+    origin = headers.get("origin")
+    own = app.base_url(environ)
+    if authorization and origin and origin.rstrip("/") != own.rstrip("/") and not token:
+        return ws_refuse(sock, 403, "from a web page, authenticate with ?access_token=APP_PASSWORD")
+    if token:
+        authorization = "Bearer " + token
+    try:
+        user = app.auth.check_header(authorization, environ["REMOTE_ADDR"] or "local")
+    except TooManyFailures as exc:
+        return ws_refuse(sock, 429, "too many failed logins", {"Retry-After": str(exc.retry_after)})
+    if user is None:
+        return ws_refuse(sock, 401, "authentication required",
+                         {"WWW-Authenticate": 'Basic realm="jmapd", charset="UTF-8"'})
+    return user
+
+
+def ws_refuse(sock, status: int, detail: str, extra: dict | None = None) -> None:
+    """Answer a handshake with an RFC 7807 problem and close."""
+    body = json_dumps({"type": "about:blank", "status": status, "detail": detail}).encode()
+    reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+              426: "Upgrade Required", 429: "Too Many Requests",
+              503: "Service Unavailable"}[status]
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {PROBLEM_TYPE}\r\n" \
+           f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
+    try:
+        sock.sendall(head.encode() + b"\r\n" + body)
+    except OSError:
+        pass
+    return None
+
+
+class JmapWebSocket:
+    """One JMAP-over-WebSocket session (RFC 8887 §4.3): requests answered as they
+    finish, several in flight, and StateChange pushes once enabled."""
+
+    def __init__(self, app, ws: WebSocket, user: Account):
+        self.app, self.ws, self.user = app, ws, user
+        self.watch: PushWatch | None = None
+        self.push_lock = threading.Lock()
+        self.running = threading.BoundedSemaphore(app.cfg.max_concurrent_requests)
+
+    def run(self) -> None:
+        threading.Thread(target=self.push_loop, daemon=True, name="ws-push").start()
+        try:
+            while True:
+                self.handle(self.ws.receive())
+        finally:
+            if not self.ws.close_sent:
+                self.ws.close(1001)
+
+    def handle(self, text: str) -> None:
+        try:
+            message = parse_ijson(text.encode("utf-8"))
+        except NotIJson as exc:
+            return self.send_error(None, RequestError("notJSON", f"not I-JSON: {exc}"))
+        kind = message.get("@type") if isinstance(message, dict) else None
+        request_id = message.get("id") if isinstance(message, dict) else None
+        if kind == "Request":
+            if request_id is not None and not isinstance(request_id, str):
+                return self.send_error(None, RequestError("notRequest", "id must be a String"))
+            if not self.running.acquire(blocking=False):
+                return self.send_error(request_id, RequestError(
+                    "limit", "too many requests in flight", limit="maxConcurrentRequests"))
+            body = {k: v for k, v in message.items() if k not in ("@type", "id")}
+            threading.Thread(target=self.answer, args=(request_id, body), daemon=True,
+                             name="ws-request").start()
+        elif kind == "WebSocketPushEnable":
+            types = message.get("dataTypes")
+            state = message.get("pushState")
+            if not (types is None or isinstance(types, list) and all(
+                    isinstance(t, str) for t in types)) or not isinstance(state, (str, type(None))):
+                return self.send_error(None, RequestError(
+                    "notRequest", "dataTypes is a String[] or null; pushState a String"))
+            seen = push_parse_event_id(state) if state else None
+            with self.push_lock:
+                self.watch = PushWatch(self.app, self.user, None if types is None else set(types),
+                                       seen)
+        elif kind == "WebSocketPushDisable":
+            with self.push_lock:
+                self.watch = None
+        else:
+            self.send_error(request_id if isinstance(request_id, str) else None, RequestError(
+                "notRequest", "@type must be Request, WebSocketPushEnable or "
+                              "WebSocketPushDisable"))
+
+    def answer(self, request_id, body: dict) -> None:
+        started = time.monotonic()
+        try:
+            with self.app.slot(self.user, "maxConcurrentRequests",
+                               self.app.cfg.max_concurrent_requests):
+                response = engine_run(self.app, self.user, json_dumps(body).encode())
+        except RequestError as exc:
+            return self.send_error(request_id, exc)
+        finally:
+            self.running.release()
+        reply = {"@type": "Response", **({"requestId": request_id} if request_id else {}),
+                 **response}
+        self.send(reply)
+        log.info("ws %s [%s] %.1f ms", self.user.username,
+                 ",".join(r[0] for r in response["methodResponses"]),
+                 (time.monotonic() - started) * 1000)
+
+    def send_error(self, request_id, exc: RequestError) -> None:
+        self.send({"@type": "RequestError", "requestId": request_id, **exc.as_json()})
+
+    def send(self, obj: dict) -> None:
+        try:
+            self.ws.send_text(json_dumps(obj))
+        except (OSError, WebSocketClosed):
+            pass  # the reader notices the end
+
+    def push_loop(self) -> None:
+        """StateChange with pushState whenever a watched state moves (RFC 8887 §4.3.5)."""
+        last_write = time.monotonic()
+        while not self.ws.close_sent and not self.app.bus.stopping.is_set():
+            with self.push_lock:
+                watch = self.watch
+            if watch is not None:
+                changed, now = watch.changes()
+                if changed:
+                    self.send({"@type": "StateChange", "changed": changed,
+                               "pushState": push_event_id(now)})
+                    last_write = time.monotonic()
+                    continue
+                watch.wait(1.0)
+            else:
+                self.app.bus.stopping.wait(0.2)
+            if time.monotonic() - last_write > WS_PING_S:
+                try:
+                    self.ws.ping()
+                except (OSError, WebSocketClosed):
+                    return
+                last_write = time.monotonic()
+        if self.app.bus.stopping.is_set():
+            self.ws.close(1001, "the server is stopping")
+
+
+def ws_start(app, sockets: list) -> list:
+    """Serve JMAP over WebSocket on already-bound sockets, a thread per connection."""
+    import socketserver  # lazy: serve with --websocket only
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            peer = self.client_address[0] if isinstance(self.client_address, tuple) else ""
+            ws_connection(app, self.request, str(peer))
+
+    servers = []
+    for sock in sockets:
+        base = (socketserver.ThreadingUnixStreamServer if sock.family == socket.AF_UNIX
+                else socketserver.ThreadingTCPServer)
+        server = base(sock.getsockname(), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="websocket", daemon=True).start()
+        servers.append(server)
+    return servers
+
+
+def ws_connection(app, sock: socket.socket, peer: str) -> None:
+    """Handshake, limits, then the session until either side closes."""
+    try:
+        found = ws_handshake(app, sock, peer)
+        if found is None:
+            return
+        user, address, reply = found
+        with app.inflight_lock:
+            if app.websockets >= app.cfg.max_websockets:
+                return ws_refuse(sock, 503, f"more than {app.cfg.max_websockets} WebSockets")
+            app.websockets += 1
+        try:
+            with app.slot(user, "webSocket", app.cfg.max_push_connections):
+                sock.settimeout(None)
+                sock.sendall(reply.encode())
+                log.info("ws %s connected from %s", user.username, address)
+                JmapWebSocket(app, WebSocket(sock, app.cfg.max_size_request), user).run()
+        except RequestError as exc:
+            ws_refuse(sock, 400, exc.detail)
+        finally:
+            with app.inflight_lock:
+                app.websockets -= 1
+    except WebSocketClosed as exc:
+        log.info("ws closed: %s", exc)
+    except (OSError, ValueError) as exc:
+        log.info("ws connection from %s ended: %s", peer, exc)
+
+
+# =============================================================================
 # 13 HTTP ROUTES
 #    make_app(cfg) -> App, whose .wsgi is a bottle.Bottle(): /.well-known/jmap,
 #    /jmap/session, /jmap/api/. Every error is an RFC 7807 problem document; a
@@ -7309,12 +7770,19 @@ class App:
         self.auth = Authenticator(cfg.test_cheap_hashing, self.clock, limiter)
         self.bus = ChangeBus()
         self.capabilities = {CAP_CORE, CAP_MAIL, CAP_SUBMISSION, CAP_VACATION}
+        if cfg.websocket:
+            self.capabilities.add(CAP_WEBSOCKET)
         self.inflight_lock = threading.Lock()
         self.inflight: dict[tuple, int] = {}
         self.request_ids = itertools.count(1)
         self.push_streams = 0
+        self.websockets = 0
+        self.ws_port = None  # the WebSocket listener's port, once bound
         self.workers = None  # waitress's task dispatcher, once serve has made it
         self.wsgi = http_middleware(self, http_routes(self))
+
+    def slot(self, user: Account, kind: str, limit: int) -> InflightSlot:
+        return InflightSlot(self, user, kind, limit)
 
     def push_streams_changed(self, delta: int) -> None:
         """Keep cfg.threads workers free for ordinary requests while push streams are open."""
@@ -7383,6 +7851,7 @@ def http_apply_proxy_headers(cfg: Config, environ: dict) -> None:
     forwarded = {k: environ.pop(k) for k in FORWARDED_HEADERS if k in environ}
     if not trusted:
         return
+    environ["jmapd.forwarded"] = bool(forwarded) or peer in ("", "localhost")
     hops = [h.strip() for h in forwarded.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
     while hops and hops[-1] in cfg.trusted_proxy:
         hops.pop()  # the rightmost address not of a trusted proxy is the client
@@ -7407,12 +7876,18 @@ def http_json(obj, status: int = 200, **headers) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(json_dumps(obj), status, headers)
 
 
-def http_user(app: App) -> Account:
-    """Authenticate the request (Basic or Bearer) or abort with 401 or 429."""
+def http_user(app: App, token_param: bool = False) -> Account:
+    """Authenticate the request (Basic or Bearer) or abort with 401 or 429.
+
+    With `token_param` (EventSource: browsers cannot set Authorization on it) an app
+    password may come as ?access_token= instead; jmapd never logs URLs."""
     environ = bottle.request.environ
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    token = bottle.request.query.getunicode("access_token") if token_param else None
+    if token:
+        header = "Bearer " + token
     try:
-        account = app.auth.check_header(environ.get("HTTP_AUTHORIZATION", ""),
-                                        environ.get("REMOTE_ADDR") or "local")
+        account = app.auth.check_header(header, environ.get("REMOTE_ADDR") or "local")
     except TooManyFailures as exc:
         problem = http_problem(429, "about:blank", "too many failed logins; try again later")
         problem.set_header("Retry-After", str(exc.retry_after))
@@ -7451,23 +7926,20 @@ def _limit_problem(limit_name: str, detail: str) -> bottle.HTTPResponse:
 
 
 class _Slot:
-    """Count a user's requests of one kind in flight against a limit (RFC 8620 §2)."""
+    """An InflightSlot that answers a full slot with the HTTP limit problem."""
 
     def __init__(self, app: App, user: Account, kind: str, limit: int):
-        self.app, self.key, self.kind, self.limit = app, (user.pk, kind), kind, limit
+        self.slot = app.slot(user, kind, limit)
 
     def __enter__(self):
-        with self.app.inflight_lock:
-            count = self.app.inflight.get(self.key, 0)
-            if count >= self.limit:
-                raise _limit_problem(self.kind, f"more than {self.limit} at once ({self.kind})")
-            self.app.inflight[self.key] = count + 1
+        try:
+            self.slot.__enter__()
+        except RequestError as exc:
+            raise _limit_problem(exc.limit, exc.detail) from None
         return self
 
     def __exit__(self, *exc):
-        with self.app.inflight_lock:
-            self.app.inflight[self.key] -= 1
-        return False
+        return self.slot.__exit__(*exc)
 
 
 def http_routes(app: App) -> bottle.Bottle:
@@ -7484,7 +7956,9 @@ def http_routes(app: App) -> bottle.Bottle:
     @web.get("/jmap/session")
     def session():
         user = http_user(app)
-        return http_json(session_resource(app, user, app.base_url(bottle.request.environ)))
+        environ = bottle.request.environ
+        return http_json(session_resource(app, user, app.base_url(environ),
+                                          bool(environ.get("jmapd.forwarded"))))
 
     @web.post("/jmap/api")
     @web.post("/jmap/api/")
@@ -7533,7 +8007,7 @@ def http_api(app: App) -> bottle.HTTPResponse:
 
 def http_eventsource(app: App):
     """The EventSource push channel (RFC 8620 §7.3)."""
-    user = http_user(app)
+    user = http_user(app, token_param=True)
     query = bottle.request.query
     raw_types = query.getunicode("types") or "*"
     types = None if raw_types == "*" else {t for t in raw_types.split(",") if t}
@@ -8137,6 +8611,12 @@ def cmd_serve(cfg: Config) -> int:
     serve_housekeeping(app)
     sockets = serve_bind(cfg)
     lmtp_servers = lmtp_start(app, serve_bind_lmtp(cfg))
+    ws_servers = []
+    if cfg.websocket:
+        ws_socket = serve_listen_tcp(cfg.websocket, "WebSocket")
+        app.ws_port = ws_socket.getsockname()[1]
+        ws_servers = ws_start(app, [ws_socket])
+        log.info("JMAP over WebSocket on ws://%s:%d%s", cfg.websocket[0], app.ws_port, WS_PATH)
     app.bus.start_watcher(cfg.data_dir)
     outbox = OutboxWorker(app)
     if cfg.smtp_relay:
@@ -8157,8 +8637,8 @@ def cmd_serve(cfg: Config) -> int:
         signal.signal(signum, lambda *_: stopping.set())
     sd_notify("READY=1")
     waitress_run_until(server, stopping, on_stop=lambda: _serve_stopping(app))
-    for lmtp in lmtp_servers:
-        lmtp.shutdown()  # a delivery under way finishes; its MTA gets its answer
+    for server in lmtp_servers + ws_servers:
+        server.shutdown()  # a delivery under way finishes; its MTA gets its answer
     if cfg.lmtp_socket and os.path.exists(cfg.lmtp_socket):
         os.unlink(cfg.lmtp_socket)
     app.bus.stop()
