@@ -31,6 +31,7 @@ INDEX
     6.3 Generic type machine
     6.4 Core/echo and Blob/copy
     6.5 Change bus and EventSource
+    6.6 PushSubscription (Web Push encryption)
     7   Mail
     7.1 MIME -> Email
     7.2 Mailbox
@@ -648,6 +649,8 @@ OPTIONS = (
     Opt("--test-cheap-hashing", False, None, argparse.SUPPRESS, (GLOBAL,), hidden=True,
         action="store_true"),
     Opt("--test-now", None, conv_test_now, argparse.SUPPRESS, (GLOBAL,), hidden=True),
+    Opt("--test-push-allow-loopback", False, None, argparse.SUPPRESS, hidden=True,
+        action="store_true"),
 )
 
 
@@ -699,6 +702,7 @@ class Config:
     grantee: str | None = None
     test_cheap_hashing: bool = False
     test_now: float | None = None
+    test_push_allow_loopback: bool = False
     username: str | None = None
 
     @property
@@ -952,6 +956,7 @@ class Account(BaseModel):
     password_hash = peewee.TextField()
     created_at = peewee.IntegerField()
     modseq = peewee.IntegerField(default=0)
+    credential = None  # set by Authenticator: "password" or "token:<pk>" (not a column)
 
     @property
     def id(self) -> str:
@@ -1118,6 +1123,27 @@ class Outbox(BaseModel):
     attempts = peewee.IntegerField(default=0)
     next_attempt_at = peewee.IntegerField()
     created_at = peewee.IntegerField()
+
+
+class PushSubscription(JmapRow):
+    """A URL to POST StateChanges to, owned by one credential (RFC 8620 §7.2)."""
+
+    credential = peewee.TextField(default="")  # "password" or "token:<app password pk>"
+    device_client_id = peewee.TextField()
+    url = peewee.TextField()
+    keys = peewee.TextField(null=True)  # JSON {p256dh, auth}
+    verification_code = peewee.TextField(null=True)  # as the client set it
+    expected_code = peewee.TextField(default="")  # as we pushed it
+    verification_sent = peewee.BooleanField(default=False)
+    expires = peewee.IntegerField(null=True)
+    types = peewee.TextField(null=True)
+    failures = peewee.IntegerField(default=0)
+    failing_since = peewee.IntegerField(null=True)
+    next_attempt_at = peewee.IntegerField(default=0)
+    created_at = peewee.IntegerField(default=0)
+
+    class Meta:
+        table_name = "push_subscription"
 
 
 class VacationSent(BaseModel):
@@ -1405,6 +1431,32 @@ def _migration_7_submission(database) -> None:
         database.execute_sql(statement)
 
 
+def _migration_8_push_subscriptions(database) -> None:
+    database.execute_sql(
+        """CREATE TABLE push_subscription (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            credential TEXT NOT NULL DEFAULT '',
+            device_client_id TEXT NOT NULL,
+            url TEXT NOT NULL,
+            keys TEXT,
+            verification_code TEXT,
+            expected_code TEXT NOT NULL DEFAULT '',
+            verification_sent INTEGER NOT NULL DEFAULT 0,
+            expires INTEGER,
+            types TEXT,
+            failures INTEGER NOT NULL DEFAULT 0,
+            failing_since INTEGER,
+            next_attempt_at INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL DEFAULT 0,
+            created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER)""")
+    database.execute_sql("CREATE INDEX push_subscription_user ON push_subscription"
+                         "(account_pk, credential)")
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
@@ -1413,6 +1465,7 @@ MIGRATIONS = (
     (5, "aliases", _migration_5_aliases),
     (6, "sharing, identities, vacation response", _migration_6_sharing_identities_vacation),
     (7, "submission queue", _migration_7_submission),
+    (8, "push subscriptions", _migration_8_push_subscriptions),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1898,6 +1951,7 @@ class Authenticator:
                 self.cache.clear()
             self.cache[key] = (account.pk, token_pk, stored_hash,
                                time.monotonic() + AUTH_CACHE_SECONDS)
+        account.credential = "password" if token_pk is None else f"token:{token_pk}"
         return account
 
     def _cached(self, key: bytes) -> Account | None:
@@ -1910,9 +1964,15 @@ class Authenticator:
             token = AppPassword.get_or_none(AppPassword.pk == token_pk)
             if token is None or token.secret_hash != stored_hash:
                 return None
-            return Account.get_or_none(Account.pk == account_pk)
+            account = Account.get_or_none(Account.pk == account_pk)
+            if account is not None:
+                account.credential = f"token:{token_pk}"
+            return account
         account = Account.get_or_none(Account.pk == account_pk)
-        return account if account and account.password_hash == stored_hash else None
+        if account is None or account.password_hash != stored_hash:
+            return None
+        account.credential = "password"
+        return account
 
     def _verify_uncached(self, username, secret):
         """Return (account, app password pk or None, the hash checked) or None."""
@@ -3572,11 +3632,18 @@ class PushWatch:
 
     def changes(self) -> tuple[dict, dict]:
         """(StateChange.changed since the last call, all current states)."""
-        now = self.states()
-        changed = push_state_changes(self.sent, now, self.types)
+        changed, now = self.pending()
         if changed:
-            self.sent = now
+            self.mark_sent(now)
         return changed, now
+
+    def pending(self) -> tuple[dict, dict]:
+        """What changed since the client was last told, without counting it as told."""
+        now = self.states()
+        return push_state_changes(self.sent, now, self.types), now
+
+    def mark_sent(self, states: dict) -> None:
+        self.sent = states
 
     def wait(self, timeout_s: float) -> None:
         """Until a watched account moves on (then a moment more, to coalesce) or timeout."""
@@ -3584,6 +3651,484 @@ class PushWatch:
         if moved != self.versions:
             self.versions = moved
             time.sleep(COALESCE_S)
+
+
+# =============================================================================
+# 6.6 PUSHSUBSCRIPTION -- RFC 8620 §7.2, with RFC 8291 encryption
+#     Subscriptions belong to the credential that made them (the password or one
+#     app password), not to an account: get and set take no accountId. PushSender
+#     POSTs a PushVerification once, then StateChanges for the user's accounts
+#     after each commit, with TTL and Urgency (RFC 8030 §5), back-off on failure,
+#     and drops a subscription whose endpoint says 404/410 or that keeps failing.
+# =============================================================================
+
+MAX_PUSH_SUBSCRIPTIONS = 10  # per user (RFC 8620 §8.6)
+MAX_PUSH_CREATES_PER_HOUR = 20
+PUSH_MAX_EXPIRY_S = 7 * 86400  # RFC 8620 §7.2: at least 48 hours, SHOULD be 7 days
+PUSH_TIMEOUT_S = 5
+PUSH_TTL_S = 86400
+PUSH_RETRY_MAX_S = 3600
+PUSH_GIVE_UP_S = 2 * 86400
+
+
+class UnloggedChanges(ChangeLog):
+    """A ChangeLog that records nothing: push subscriptions have no state (RFC 8620 §7.2)."""
+
+    def next(self, type_name: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def push_check_keys(value) -> dict:
+    """keys: {p256dh, auth} in URL-safe base64; the key must be a point on P-256."""
+    if not isinstance(value, dict) or set(value) != {"p256dh", "auth"} or not all(
+            isinstance(v, str) for v in value.values()):
+        raise ValueError("keys is {p256dh, auth}")
+    try:
+        p256_decode(b64url_decode(value["p256dh"]))
+        if len(b64url_decode(value["auth"])) != 16:
+            raise ValueError("auth is 16 octets")
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError(f"keys: {exc}") from exc
+    return value
+
+
+def push_check_types(value) -> list:
+    if not all(isinstance(t, str) for t in value):
+        raise ValueError("types is a list of type names")
+    return value
+
+
+def push_url_addresses(url: str, allow_local: bool) -> tuple[str, int, list]:
+    """(host, port, addresses) of a push URL: https only, and every address the name
+    resolves to must be public (RFC 8620 §8.6), unless the test option allows loopback."""
+    import ipaddress  # lazy: only push subscriptions resolve names
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" and not (allow_local and parts.scheme == "http"):
+        raise ValueError("the url must begin with https://")
+    if not parts.hostname or parts.username or parts.password:
+        raise ValueError("the url needs a host and no user name")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"{parts.hostname} does not resolve") from exc
+    addresses = sorted({info[4][0] for info in infos})
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global and not (allow_local and ip.is_loopback):
+            raise ValueError(f"{parts.hostname} resolves to {address}, not a public address")
+    return parts.hostname, port, addresses
+
+
+@register_type
+class PushSubscriptionType(TypeSpec):
+    """PushSubscription (RFC 8620 §7.2): served by push_subscription_get/set below."""
+
+    name, capability, model, id_prefix = "PushSubscription", CAP_CORE, PushSubscription, "P"
+    methods = ()  # not the standard methods: no accountId, no state
+    props = {
+        "id": Prop("id", server_set=True, immutable=True),
+        "deviceClientId": Prop("str", "device_client_id", immutable=True, max_len=255),
+        "url": Prop("str", "url", immutable=True, max_len=2048),
+        "keys": Prop("object", "keys", default=None, nullable=True, immutable=True, json=True,
+                     check=push_check_keys),
+        "verificationCode": Prop("str", "verification_code", default=None, nullable=True,
+                                 max_len=255),
+        "expires": Prop("utcdate", "expires", default=None, nullable=True),
+        "types": Prop("list", "types", default=None, nullable=True, json=True,
+                      check=push_check_types),
+    }
+    # RFC 8620 §7.2.1: url and keys are never returned
+    default_properties = ["id", "deviceClientId", "verificationCode", "expires", "types"]
+
+    def live(self, ctx):
+        return super().live(ctx).where(PushSubscription.credential == ctx.user.credential)
+
+    def validate(self, ctx, values, row):
+        latest = ctx.now + PUSH_MAX_EXPIRY_S  # the server may shorten expires (§7.2)
+        if values["expires"] is None or parse_utc_date(values["expires"]) > latest:
+            values["expires"] = utc_date(latest)
+        if row is not None:
+            if values["verificationCode"] not in (row.verification_code, row.expected_code):
+                raise invalid_properties(["verificationCode"], "not the code that was pushed")
+            return
+        if values["verificationCode"] is not None:
+            raise invalid_properties(["verificationCode"], "null until the code is pushed")
+        try:
+            push_url_addresses(values["url"], ctx.app.cfg.test_push_allow_loopback)
+        except ValueError as exc:
+            raise invalid_properties(["url"], str(exc)) from exc
+        mine = PushSubscription.select().where(PushSubscription.account_pk == ctx.user.pk)
+        if mine.where(PushSubscription.destroyed == False).count() >= MAX_PUSH_SUBSCRIPTIONS:  # noqa: E712
+            raise SetError("overQuota", f"at most {MAX_PUSH_SUBSCRIPTIONS} push subscriptions")
+        if mine.where(PushSubscription.created_at > ctx.now - 3600).count() >= \
+                MAX_PUSH_CREATES_PER_HOUR:
+            raise SetError("rateLimit", "too many push subscriptions made in the last hour")
+
+    def on_create(self, ctx, row, values):
+        PushSubscription.update(credential=ctx.user.credential, created_at=int(ctx.now),
+                                expected_code=secrets.token_hex(16)).where(
+            PushSubscription.pk == row.pk).execute()
+        ctx.app.push_wake.set()
+
+    def on_update(self, ctx, row, values):
+        ctx.app.push_wake.set()
+
+    def on_destroy(self, ctx, row, args):
+        push_erase(row.pk)
+
+
+def push_erase(pk: int) -> None:
+    """RFC 8620 §7.2: the url and keys of a destroyed subscription are erased at once."""
+    PushSubscription.update(url="", keys=None, expected_code="").where(
+        PushSubscription.pk == pk).execute()
+
+
+PUSH_GET_ARGS = {"ids": (nullable(a_ids), None), "properties": (nullable(a_strs), None)}
+PUSH_SET_ARGS = {"create": (nullable(a_obj), None), "update": (nullable(a_obj), None),
+                 "destroy": (nullable(a_ids), None)}
+
+
+def _push_context(ctx: Call) -> TypeSpec:
+    ctx.account, ctx.read_only = ctx.user, False  # scoped by credential in live()
+    ctx.changes = UnloggedChanges(ctx.user.pk, ctx.now)
+    return TYPES["PushSubscription"]
+
+
+@jmap_method("PushSubscription/get", CAP_CORE, takes_account=False)
+def push_subscription_get(ctx: Call, raw_args: dict) -> dict:
+    """RFC 8620 §7.2.1: no accountId, no state; url and keys are forbidden."""
+    spec = _push_context(ctx)
+    args = take_args(raw_args, PUSH_GET_ARGS)
+    if args["properties"] is not None and {"url", "keys"} & set(args["properties"]):
+        raise MethodError("forbidden", "url and keys are never returned")
+    result = method_get(spec, ctx, {**raw_args, "accountId": ctx.account.id})
+    return {"list": result["list"], "notFound": result["notFound"]}
+
+
+@jmap_method("PushSubscription/set", CAP_CORE, writes=True, takes_account=False)
+def push_subscription_set(ctx: Call, raw_args: dict) -> dict:
+    """RFC 8620 §7.2.2: no accountId, ifInState, oldState or newState."""
+    spec = _push_context(ctx)
+    take_args(raw_args, PUSH_SET_ARGS)
+    result = method_set(spec, ctx, {**raw_args, "accountId": ctx.account.id})
+    return {k: result[k] for k in ("created", "updated", "destroyed", "notCreated",
+                                   "notUpdated", "notDestroyed")}
+
+
+def push_forget_credential(account_pk: int, credential: str) -> None:
+    """A revoked or changed credential takes its subscriptions with it (RFC 8620 §7.2)."""
+    PushSubscription.delete().where((PushSubscription.account_pk == account_pk)
+                                    & (PushSubscription.credential == credential)).execute()
+
+
+class PushSender:
+    """One thread POSTing verifications and StateChanges to verified subscriptions."""
+
+    def __init__(self, app):
+        self.app = app
+        self.watches: dict[int, PushWatch] = {}
+        self.thread = threading.Thread(target=self.run, daemon=True, name="push")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.app.bus.stopping.is_set():
+            try:
+                self.round()
+            except peewee.OperationalError as exc:
+                log.warning("push: database busy (%s)", exc)
+            except Exception:  # noqa: BLE001 -- a bug must not end pushing for everyone
+                log.exception("push: round failed")
+            versions = {}
+            for watch in self.watches.values():
+                versions.update(watch.versions)
+            self.app.push_wake.clear()
+            if versions:
+                self.app.bus.wait_any(versions, 1.0)
+            else:
+                self.app.push_wake.wait(1.0)
+
+    def round(self) -> None:
+        now = self.app.clock.now()
+        with db.atomic("IMMEDIATE"):
+            expired = PushSubscription.select(PushSubscription.pk).where(
+                (PushSubscription.destroyed == False)  # noqa: E712
+                & (PushSubscription.expires < now))
+            for (pk,) in expired.tuples():  # RFC 8620 §7.2: no requests after expires
+                PushSubscription.delete().where(PushSubscription.pk == pk).execute()
+        rows = list(PushSubscription.select().where(
+            (PushSubscription.destroyed == False)  # noqa: E712
+            & (PushSubscription.next_attempt_at <= now)))
+        self.watches = {pk: w for pk, w in self.watches.items() if pk in {r.pk for r in rows}
+                        or PushSubscription.get_or_none(PushSubscription.pk == pk) is not None}
+        for row in rows:
+            if not row.verification_sent:
+                body = {"@type": "PushVerification", "pushSubscriptionId": id_for("P", row.pk),
+                        "verificationCode": row.expected_code}
+                if self.post(row, body, "normal"):
+                    PushSubscription.update(verification_sent=True).where(
+                        PushSubscription.pk == row.pk).execute()
+                continue
+            if row.verification_code != row.expected_code:
+                continue  # RFC 8620 §7.2: nothing more until verified
+            watch = self.watches.get(row.pk)
+            if watch is None:
+                user = Account.get_or_none(Account.pk == row.account_pk)
+                types = set(json.loads(row.types)) if row.types else None
+                watch = self.watches[row.pk] = PushWatch(self.app, user, types, None)
+            changed, states = watch.pending()
+            if changed and self.post(row, {"@type": "StateChange", "changed": changed},
+                                     "high" if any("EmailDelivery" in c for c in changed.values())
+                                     else "normal"):
+                watch.mark_sent(states)
+
+    def post(self, row: PushSubscription, body: dict, urgency: str) -> bool:
+        """POST one push message; record success, back off, or drop the subscription."""
+        payload = json_dumps(body).encode()
+        headers = {"TTL": str(PUSH_TTL_S), "Urgency": urgency,
+                   "Content-Type": "application/json"}
+        if row.keys:
+            keys = json.loads(row.keys)
+            payload = webpush_encrypt(payload, b64url_decode(keys["p256dh"]),
+                                      b64url_decode(keys["auth"]))
+            headers.update({"Content-Encoding": "aes128gcm",
+                            "Content-Type": "application/octet-stream"})
+        status, retry_after = push_post(row.url, payload, headers,
+                                        self.app.cfg.test_push_allow_loopback)
+        now = self.app.clock.now()
+        if 200 <= status < 300:
+            PushSubscription.update(failures=0, failing_since=None, next_attempt_at=0).where(
+                PushSubscription.pk == row.pk).execute()
+            return True
+        if status in (404, 410) or (row.failing_since and now - row.failing_since > PUSH_GIVE_UP_S):
+            log.info("push subscription %d dropped (%s)", row.pk, status or "unreachable")
+            with db.atomic("IMMEDIATE"):
+                PushSubscription.delete().where(PushSubscription.pk == row.pk).execute()
+            return False
+        delay = retry_after or min(10 * 2 ** row.failures, PUSH_RETRY_MAX_S)  # 429: slower
+        PushSubscription.update(failures=row.failures + 1, failing_since=row.failing_since
+                                or int(now), next_attempt_at=int(now + delay)).where(
+            PushSubscription.pk == row.pk).execute()
+        log.info("push subscription %d: %s; next try in %d s", row.pk, status or "unreachable",
+                 delay)
+        return False
+
+
+def push_post(url: str, payload: bytes, headers: dict, allow_local: bool) -> tuple[int, int]:
+    """POST to a push URL, connecting to the address just checked (no DNS rebinding);
+    return (status or 0 if unreachable, Retry-After seconds or 0)."""
+    import http.client  # lazy: only push sends
+    import ssl
+
+    try:
+        host, port, addresses = push_url_addresses(url, allow_local)
+        parts = urllib.parse.urlsplit(url)
+        sock = socket.create_connection((addresses[0], port), timeout=PUSH_TIMEOUT_S)
+        if parts.scheme == "https":
+            context = ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+            connection = http.client.HTTPSConnection(host, port, timeout=PUSH_TIMEOUT_S,
+                                                     context=context)
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=PUSH_TIMEOUT_S)
+        connection.sock = sock
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", path, body=payload, headers=headers)
+        response = connection.getresponse()
+        response.read(65536)
+        connection.close()
+        retry = response.getheader("Retry-After") or ""
+        return response.status, int(retry) if retry.isdigit() else 0
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        log.info("push to %s failed: %s", urllib.parse.urlsplit(url).hostname, exc)
+        return 0, 0
+
+
+# ---- Web Push message encryption (RFC 8291 over RFC 8188 aes128gcm) ----
+# Neither the standard library nor the allowed packages offer ECDH or AES-GCM, so the
+# small amount needed is here: P-256 (SEC 2 §2.4.2) point arithmetic and AES-128 in GCM
+# mode (NIST SP 800-38D). Only public values and one-off keys pass through it; it is
+# checked against RFC 8291 Appendix A in the tests.
+
+P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+P256_A = P256_P - 3
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+          0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+
+
+def p256_on_curve(point) -> bool:
+    x, y = point
+    return 0 <= x < P256_P and 0 <= y < P256_P and (
+        y * y - (x * x * x + P256_A * x + P256_B)) % P256_P == 0
+
+
+def p256_multiply(k: int, point) -> tuple[int, int]:
+    """k * point in affine coordinates (a Montgomery ladder over Jacobian points)."""
+    def double(p):
+        x, y, z = p
+        if not y:
+            return (0, 1, 0)
+        s = 4 * x * y * y % P256_P
+        m = (3 * x * x + P256_A * pow(z, 4, P256_P)) % P256_P
+        nx = (m * m - 2 * s) % P256_P
+        return nx, (m * (s - nx) - 8 * pow(y, 4, P256_P)) % P256_P, 2 * y * z % P256_P
+
+    def add(p, q):
+        if not p[2]:
+            return q
+        if not q[2]:
+            return p
+        z1z1, z2z2 = p[2] * p[2] % P256_P, q[2] * q[2] % P256_P
+        u1, u2 = p[0] * z2z2 % P256_P, q[0] * z1z1 % P256_P
+        s1, s2 = p[1] * z2z2 * q[2] % P256_P, q[1] * z1z1 * p[2] % P256_P
+        if u1 == u2:
+            return double(p) if s1 == s2 else (0, 1, 0)
+        h, r = (u2 - u1) % P256_P, (s2 - s1) % P256_P
+        hh = h * h % P256_P
+        hhh = h * hh % P256_P
+        nx = (r * r - hhh - 2 * u1 * hh) % P256_P
+        return nx, (r * (u1 * hh - nx) - s1 * hhh) % P256_P, h * p[2] * q[2] % P256_P
+
+    r0, r1 = (0, 1, 0), (point[0], point[1], 1)
+    for bit in bin(k)[2:]:
+        if bit == "1":
+            r0, r1 = add(r0, r1), double(r1)
+        else:
+            r0, r1 = double(r0), add(r0, r1)
+    x, y, z = r0
+    if not z:
+        raise ValueError("the point at infinity")
+    zi = pow(z, P256_P - 2, P256_P)
+    return x * zi * zi % P256_P, y * zi * zi * zi % P256_P
+
+
+def p256_decode(raw: bytes) -> tuple[int, int]:
+    """An uncompressed public key (0x04 || X || Y) that lies on the curve."""
+    if len(raw) != 65 or raw[0] != 4:
+        raise ValueError("not an uncompressed P-256 point")
+    point = int.from_bytes(raw[1:33], "big"), int.from_bytes(raw[33:], "big")
+    if not p256_on_curve(point):
+        raise ValueError("not on P-256")
+    return point
+
+
+def p256_encode(point) -> bytes:
+    return b"\x04" + point[0].to_bytes(32, "big") + point[1].to_bytes(32, "big")
+
+
+def _aes_tables():
+    sbox, p, q = [0] * 256, 1, 1
+    while True:  # the S-box from the multiplicative inverse and the affine map (FIPS 197)
+        p = p ^ ((p << 1) & 0xFF) ^ (0x1B if p & 0x80 else 0)
+        for shift in (1, 2, 4):
+            q ^= q << shift
+        q &= 0xFF
+        if q & 0x80:
+            q ^= 0x09
+        rot = lambda v, n: ((v << n) | (v >> (8 - n))) & 0xFF  # noqa: E731
+        sbox[p] = q ^ rot(q, 1) ^ rot(q, 2) ^ rot(q, 3) ^ rot(q, 4) ^ 0x63
+        if p == 1:
+            break
+    sbox[0] = 0x63
+    return sbox
+
+
+AES_SBOX = _aes_tables()
+
+
+def _xtime(b: int) -> int:
+    return ((b << 1) ^ 0x1B) & 0xFF if b & 0x80 else b << 1
+
+
+def aes128_round_keys(key: bytes) -> list:
+    words = [list(key[i:i + 4]) for i in range(0, 16, 4)]
+    rcon = 1
+    for i in range(4, 44):
+        word = list(words[i - 1])
+        if i % 4 == 0:
+            word = [AES_SBOX[b] for b in word[1:] + word[:1]]
+            word[0] ^= rcon
+            rcon = _xtime(rcon)
+        words.append([a ^ b for a, b in zip(words[i - 4], word)])
+    return [sum(words[r * 4:r * 4 + 4], []) for r in range(11)]
+
+
+def aes128_block(round_keys: list, block: bytes) -> bytes:
+    """Encrypt one 16-octet block (FIPS 197 §5.1); state in column order."""
+    s = [b ^ k for b, k in zip(block, round_keys[0])]
+    for r in range(1, 11):
+        s = [AES_SBOX[b] for b in s]
+        s = [s[(i + 4 * (i % 4)) % 16] for i in range(16)]  # ShiftRows
+        if r < 10:
+            mixed = []
+            for c in range(4):
+                a = s[4 * c:4 * c + 4]
+                t = a[0] ^ a[1] ^ a[2] ^ a[3]
+                mixed += [a[i] ^ t ^ _xtime(a[i] ^ a[(i + 1) % 4]) for i in range(4)]
+            s = mixed
+        s = [b ^ k for b, k in zip(s, round_keys[r])]
+    return bytes(s)
+
+
+def _gf128_multiply(x: int, y: int) -> int:
+    """Multiplication in GCM's GF(2^128) (bit-reflected, SP 800-38D §6.3)."""
+    z, v = 0, y
+    for i in range(127, -1, -1):
+        if (x >> i) & 1:
+            z ^= v
+        v = (v >> 1) ^ (0xE1 << 120) if v & 1 else v >> 1
+    return z
+
+
+def aes128_gcm_encrypt(key: bytes, nonce: bytes, plaintext: bytes) -> bytes:
+    """AES-128-GCM with a 96-bit nonce and no associated data: ciphertext || 16-octet tag."""
+    keys = aes128_round_keys(key)
+    h = int.from_bytes(aes128_block(keys, bytes(16)), "big")
+    counter = int.from_bytes(nonce + b"\x00\x00\x00\x01", "big")
+    out = bytearray()
+    for i in range(0, len(plaintext), 16):
+        counter = (counter & ~0xFFFFFFFF) | ((counter + 1) & 0xFFFFFFFF)
+        stream = aes128_block(keys, counter.to_bytes(16, "big"))
+        out += bytes(a ^ b for a, b in zip(plaintext[i:i + 16], stream))
+    tag = 0
+    padded = bytes(out) + bytes(-len(out) % 16)
+    for i in range(0, len(padded), 16):
+        tag = _gf128_multiply(tag ^ int.from_bytes(padded[i:i + 16], "big"), h)
+    tag = _gf128_multiply(tag ^ (len(out) * 8), h)  # lengths block: 0 AAD bits, then C bits
+    j0 = aes128_block(keys, nonce + b"\x00\x00\x00\x01")
+    return bytes(out) + (tag ^ int.from_bytes(j0, "big")).to_bytes(16, "big")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _hmac256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, "sha256").digest()
+
+
+def webpush_encrypt(plaintext: bytes, ua_public: bytes, auth_secret: bytes,
+                    as_private: int | None = None, salt: bytes | None = None) -> bytes:
+    """An aes128gcm body for a push subscription's keys (RFC 8291 §3.4, RFC 8188 §2)."""
+    as_private = as_private or secrets.randbelow(P256_N - 1) + 1
+    salt = salt or secrets.token_bytes(16)
+    as_public = p256_encode(p256_multiply(as_private, P256_G))
+    shared = p256_multiply(as_private, p256_decode(ua_public))[0].to_bytes(32, "big")
+    prk_key = _hmac256(auth_secret, shared)
+    ikm = _hmac256(prk_key, b"WebPush: info\x00" + ua_public + as_public + b"\x01")
+    prk = _hmac256(salt, ikm)
+    cek = _hmac256(prk, b"Content-Encoding: aes128gcm\x00\x01")[:16]
+    nonce = _hmac256(prk, b"Content-Encoding: nonce\x00\x01")[:12]
+    header = salt + (4096).to_bytes(4, "big") + bytes([len(as_public)]) + as_public
+    return header + aes128_gcm_encrypt(cek, nonce, plaintext + b"\x02")  # one last record
 
 
 # =============================================================================
@@ -7777,6 +8322,7 @@ class App:
         self.request_ids = itertools.count(1)
         self.push_streams = 0
         self.websockets = 0
+        self.push_wake = threading.Event()  # a subscription was made or verified
         self.ws_port = None  # the WebSocket listener's port, once bound
         self.workers = None  # waitress's task dispatcher, once serve has made it
         self.wsgi = http_middleware(self, http_routes(self))
@@ -8198,7 +8744,9 @@ def cmd_user(cfg: Config, stdin=None, stdout=None) -> int:
         return cmd_user_share(cfg, account, stdout)
     if action == "passwd":
         account.password_hash = auth.hash_password(cli_read_password(cfg, stdin))
-        account.save()
+        with db.atomic("IMMEDIATE"):
+            account.save()
+            push_forget_credential(account.pk, "password")  # the old password is revoked
         print(f"password of {username} changed", file=stdout)
         return 0
     with db.atomic("IMMEDIATE"):
@@ -8226,9 +8774,13 @@ def cmd_user_token(cfg: Config, auth, account: Account, clock: Clock, stdout) ->
             print(f"{token.public_id}\t{utc_date(token.created_at)}\tlast used {used}\t"
                   f"{token.label}", file=stdout)
         return 0
-    deleted = AppPassword.delete().where(
-        (AppPassword.account_pk == account.pk) & (AppPassword.public_id == cfg.token_id)
-    ).execute()
+    token = AppPassword.get_or_none((AppPassword.account_pk == account.pk)
+                                    & (AppPassword.public_id == cfg.token_id))
+    deleted = 0
+    if token is not None:
+        with db.atomic("IMMEDIATE"):
+            push_forget_credential(account.pk, f"token:{token.pk}")
+            deleted = AppPassword.delete().where(AppPassword.pk == token.pk).execute()
     if not deleted:
         raise CommandError(f"{account.username} has no app password {cfg.token_id!r}")
     print(f"app password {cfg.token_id} revoked", file=stdout)
@@ -8618,6 +9170,7 @@ def cmd_serve(cfg: Config) -> int:
         ws_servers = ws_start(app, [ws_socket])
         log.info("JMAP over WebSocket on ws://%s:%d%s", cfg.websocket[0], app.ws_port, WS_PATH)
     app.bus.start_watcher(cfg.data_dir)
+    PushSender(app).start()
     outbox = OutboxWorker(app)
     if cfg.smtp_relay:
         outbox.start()
