@@ -100,6 +100,7 @@ import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import argon2
@@ -2581,10 +2582,14 @@ class TypeSpec:
     def id_of(self, pk: int) -> str:
         return id_for(self.id_prefix, pk)
 
-    def live(self, ctx: Call):
+    def live(self, ctx: Call, keyed: bool = False):
+        """The account's objects. `keyed`: the caller picks rows by key, so SQLite must
+        look them up by key instead of walking an index of the whole account (+ 0
+        keeps it off account_pk indexes)."""
         model = self.model
+        account = model.account_pk + 0 if keyed else model.account_pk
         return model.select().where(
-            (model.account_pk == ctx.account.pk) & (model.destroyed == False))  # noqa: E712
+            (account == ctx.account.pk) & (model.destroyed == False))  # noqa: E712
 
     def pk_of(self, ctx: Call, raw_id) -> int | None:
         """The key an id (or "#creationId") names, None if it names nothing of ours."""
@@ -2594,7 +2599,7 @@ class TypeSpec:
         pk = self.pk_of(ctx, raw_id)
         if pk is None:
             return None
-        return self.live(ctx).where(self.model.pk == pk).first()
+        return self.live(ctx, keyed=True).where(self.model.pk == pk).first()
 
     def to_json(self, ctx: Call, row, wanted) -> dict:
         obj = {"id": self.id_of(row.pk)}
@@ -2710,7 +2715,8 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     if args["ids"] is None:
         if not spec.get_all:
             raise MethodError("requestTooLarge", "ids must be given for this type")
-        rows = list(spec.live(ctx).order_by(spec.model.pk).limit(ctx.limits.max_objects_in_get + 1))
+        rows = read_only_rows(spec.live(ctx).order_by(spec.model.pk).limit(
+            ctx.limits.max_objects_in_get + 1))
         if len(rows) > ctx.limits.max_objects_in_get:
             raise MethodError("requestTooLarge", "more objects than maxObjectsInGet")
         spec.prefetch(ctx, rows, wanted)
@@ -2725,11 +2731,18 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
     wanted_pks = {raw_id: spec.pk_of(ctx, raw_id) for raw_id in ids}
     pks = [pk for pk in wanted_pks.values() if pk is not None]
-    rows = {row.pk: row for row in spec.live(ctx).where(spec.model.pk.in_(pks))} if pks else {}
+    rows = ({row.pk: row for row in read_only_rows(
+        spec.live(ctx, keyed=True).where(spec.model.pk.in_(pks)))} if pks else {})
     spec.prefetch(ctx, list(rows.values()), wanted)
     found = [spec.to_json(ctx, rows[wanted_pks[i]], wanted) for i in ids if wanted_pks[i] in rows]
     not_found = [i for i in ids if wanted_pks[i] not in rows]
     return {"accountId": ctx.account.id, "state": state, "list": found, "notFound": not_found}
+
+
+def read_only_rows(query) -> list:
+    """Rows as plain attribute objects: for reading, a third of the cost of model
+    instances (a list view reads fifty of them per request)."""
+    return [SimpleNamespace(**values) for values in query.dicts()]
 
 
 def _wanted_properties(spec: TypeSpec, properties) -> list:
@@ -3745,8 +3758,8 @@ class PushSubscriptionType(TypeSpec):
     # RFC 8620 §7.2.1: url and keys are never returned
     default_properties = ["id", "deviceClientId", "verificationCode", "expires", "types"]
 
-    def live(self, ctx):
-        return super().live(ctx).where(PushSubscription.credential == ctx.user.credential)
+    def live(self, ctx, keyed=False):
+        return super().live(ctx, keyed).where(PushSubscription.credential == ctx.user.credential)
 
     def validate(self, ctx, values, row):
         latest = ctx.now + PUSH_MAX_EXPIRY_S  # the server may shorten expires (§7.2)
@@ -4254,6 +4267,8 @@ def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
 
 def mime_strip_comments(value: str) -> str:
     """Remove RFC 5322 comments (nested, with quoted-pairs) outside quoted strings."""
+    if "(" not in value:
+        return value
     out, depth, quoted, i = [], 0, False, 0
     while i < len(value):
         ch = value[i]
@@ -4391,6 +4406,8 @@ def mime_header_value(raw: str | None, form: str):
 
 
 def _unfold(raw: str) -> str:
+    if "\n" not in raw:  # the common case: one line, nothing to unfold
+        return raw.rstrip("\r")
     return re.sub(r"\r?\n(?=[ \t])", "", raw).rstrip("\r\n")
 
 
@@ -4793,6 +4810,13 @@ def _parse_structure(parts, multipart_type, in_alternative, html_body, text_body
 
 def mime_part_text(part: MimePart) -> tuple[str, bool]:
     """Decode a text part to a string with LF line ends; return (text, isEncodingProblem)."""
+    cached = part.__dict__.get("_text")  # preview and search both read it
+    if cached is None:
+        cached = part.__dict__["_text"] = _mime_part_text(part)
+    return cached
+
+
+def _mime_part_text(part: MimePart) -> tuple[str, bool]:
     data = mime_decoded(part)
     charset = mime_part_charset(part) or "us-ascii"
     problem = not part.cte_known
@@ -4846,7 +4870,10 @@ def mime_preview(text_body: list) -> str:
         text, _ = mime_part_text(part)
         if part.type == "text/html":
             text = mime_html_to_text(text)
-        text = re.sub(r"\s+", " ", text).strip()
+        head = text[:PREVIEW_CHARS * 4]  # collapsing white space in all of it is wasted
+        collapsed = re.sub(r"\s+", " ", head).strip()
+        text = collapsed if len(collapsed) > PREVIEW_CHARS or head == text else \
+            re.sub(r"\s+", " ", text).strip()
         if text:
             return text[:PREVIEW_CHARS]
     return ""
