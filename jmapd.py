@@ -1734,10 +1734,9 @@ class ChangeLog:
         self.touched: dict[str, int] = {}
 
     def next(self, type_name: str) -> int:
-        if self.modseq is None:
-            self.modseq = (
-                Account.select(Account.modseq).where(Account.pk == self.account_pk).scalar()
-            )
+        if self.modseq is None:  # plain SQL here and below: every delivery passes through
+            self.modseq = db.execute_sql("SELECT modseq FROM account WHERE pk = ?",
+                                         (self.account_pk,)).fetchone()[0]
         self.modseq += 1
         self.touched[type_name] = self.modseq
         return self.modseq
@@ -1746,14 +1745,12 @@ class ChangeLog:
         """Write the counter and each touched type's state (call inside the transaction)."""
         if not self.touched:
             return
-        Account.update(modseq=self.modseq).where(Account.pk == self.account_pk).execute()
-        for type_name, modseq in self.touched.items():
-            TypeState.insert(
-                account_pk=self.account_pk, type_name=type_name, modseq=modseq
-            ).on_conflict(
-                conflict_target=[TypeState.account_pk, TypeState.type_name],
-                update={TypeState.modseq: modseq},
-            ).execute()
+        db.execute_sql("UPDATE account SET modseq = ? WHERE pk = ?",
+                       (self.modseq, self.account_pk))
+        db.cursor().executemany(
+            "INSERT INTO type_state (account_pk, type_name, modseq) VALUES (?, ?, ?) "
+            "ON CONFLICT (account_pk, type_name) DO UPDATE SET modseq = excluded.modseq",
+            [(self.account_pk, t, m) for t, m in self.touched.items()])
         self.touched = {}
 
 
@@ -6954,9 +6951,12 @@ ROBOT_SENDER_RE = re.compile(  # RFC 5230 §4.6 and RFC 3834 §2: never answer t
 def vacation_consider(data_dir: str, account_pk: int, raw: bytes, now: float) -> None:
     """Queue the vacation reply a newly delivered message deserves, if any (in the
     delivery's transaction, so the reply is durable exactly when the mail is)."""
-    vacation = VacationResponse.get_or_none((VacationResponse.account_pk == account_pk)
-                                            & (VacationResponse.destroyed == False))  # noqa: E712
-    if vacation is None or not vacation_active(vacation, now):
+    enabled = db.execute_sql("SELECT pk FROM vacation_response WHERE account_pk = ? AND "
+                             "is_enabled AND destroyed = 0", (account_pk,)).fetchone()
+    if enabled is None:  # the usual case, answered without building a query
+        return
+    vacation = VacationResponse.get_by_id(enabled[0])
+    if not vacation_active(vacation, now):
         return
     root = mime_email(raw)
     sender = vacation_sender(root)
@@ -7549,8 +7549,8 @@ def submission_prepare(ctx: Call, values: dict) -> None:
                                 "displayed": "unknown"} for address, _ in rcpts})
     message_id = (mime_header_property(root.headers, "header:Message-ID:asMessageIds")
                   or [None])[0]
-    ctx.__dict__["_outgoing"] = (mime_strip_fields(raw, {"bcc"}), mail_from, mail_params,
-                                 rcpts, message_id)
+    outgoing = re.sub(rb"\r\n|\r|\n", b"\r\n", mime_strip_fields(raw, {"bcc"}))  # RFC 5321 §2.3.8
+    ctx.__dict__["_outgoing"] = (outgoing, mail_from, mail_params, rcpts, message_id)
 
 
 def submission_header_addresses(root: MimePart, name: str) -> list:
@@ -7763,6 +7763,8 @@ def submission_record_replies(changes: ChangeLog, submission_pk: int, replies: d
 def submission_apply_report(changes: ChangeLog, account_pk: int, raw: bytes, sha: str) -> None:
     """A DSN (RFC 3464) or MDN (RFC 8098) for mail we sent updates its EmailSubmission:
     deliveryStatus delivered/displayed, dsnBlobIds/mdnBlobIds (RFC 8621 §7)."""
+    if b"multipart/report" not in mime_split(raw)[0].lower():
+        return  # not a report: no need to parse the message again
     root = mime_email(raw)
     if root.type != "multipart/report":
         return
@@ -7856,6 +7858,8 @@ def smtp_send(cfg, job: Outbox, data: bytes) -> dict:
             return _smtp_transaction(cfg, client, context, job, rcpts, data)
     except smtplib.SMTPResponseException as exc:
         reply = (exc.smtp_code, exc.smtp_error)
+    except UnicodeError as exc:  # an address the relay's dialect cannot carry
+        reply = (553, f"5.6.7 {exc}")
     except (OSError, smtplib.SMTPException) as exc:
         reply = (451, f"4.4.1 the relay could not be reached: {exc}")
     return {address: reply for address, _ in rcpts}
@@ -7878,6 +7882,11 @@ def _smtp_transaction(cfg, client, context, job: Outbox, rcpts: list, data: byte
     params = json.loads(job.mail_params)
     if re.search(rb"[\x80-\xff]", data) and "BODY" not in params:
         params["BODY"] = "8BITMIME"
+    if not (job.mail_from + "".join(a for a, _ in rcpts)).isascii():
+        if not client.has_extn("smtputf8"):  # RFC 6531: such addresses need SMTPUTF8
+            return {a: (553, "5.6.7 the relay does not take non-ASCII addresses (SMTPUTF8)")
+                    for a, _ in rcpts}
+        params.setdefault("SMTPUTF8", None)
     if job.submission_pk is not None and "ENVID" not in params:
         params["ENVID"] = id_for("S", job.submission_pk)  # DSNs name the submission
     code, text = client.mail(job.mail_from, smtp_options(client, params))
