@@ -6937,6 +6937,75 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     return rows
 
 
+# ---- group commit: concurrent deliveries share one commit ----
+
+
+class GroupCommit:
+    """Deliveries arriving while one commits wait and then commit together: their blobs
+    made durable with one sync, their rows in one transaction (a savepoint each, so
+    one bad message fails alone). Nobody returns before the commit that holds its
+    message; the first waiter commits for all (leader and followers)."""
+
+    def __init__(self, data_dir: str, clock):
+        self.data_dir, self.clock = data_dir, clock
+        self.cond = threading.Condition()
+        self.queue: list = []
+        self.committing = False
+
+    def deliver(self, items: list) -> list:
+        """Store (account_pk, raw, mailbox_pk) items; return per item None or the error."""
+        slots = [{"item": item, "done": False, "error": None} for item in items]
+        with self.cond:
+            self.queue.extend(slots)
+            while not all(slot["done"] for slot in slots):
+                if self.committing:
+                    self.cond.wait()
+                    continue
+                batch, self.queue, self.committing = self.queue, [], True
+                self.cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self.cond.acquire()
+                    self.committing = False
+                    for slot in batch:
+                        slot["done"] = True
+                    self.cond.notify_all()
+        return [slot["error"] for slot in slots]
+
+    def _commit(self, batch: list) -> None:
+        try:
+            stored = blob_store_many(self.data_dir, [slot["item"][1] for slot in batch])
+        except OSError as exc:
+            for slot in batch:
+                slot["error"] = exc
+            return
+        now = self.clock.now()
+        changes: dict = {}
+        try:
+            with db.atomic("IMMEDIATE"):
+                for slot, (sha, _) in zip(batch, stored):
+                    account_pk, raw, mailbox_pk = slot["item"]
+                    log_ = changes.setdefault(account_pk, ChangeLog(account_pk, now))
+                    try:
+                        with db.atomic():
+                            email_store(log_, account_pk, sha, raw, [mailbox_pk], {}, None, now)
+                            vacation_consider(self.data_dir, account_pk, raw, now)
+                            submission_apply_report(log_, account_pk, raw, sha)
+                    except peewee.OperationalError:
+                        raise  # busy or broken database: nothing of the group commits
+                    except Exception as exc:  # noqa: BLE001 -- this message fails alone
+                        log.exception("delivery to account %d failed", account_pk)
+                        slot["error"] = exc
+                for log_ in changes.values():
+                    log_.flush()
+        except Exception as exc:  # noqa: BLE001 -- nothing is acknowledged unless committed
+            if not isinstance(exc, (peewee.OperationalError, OSError)):
+                log.exception("group commit failed")
+            for slot in batch:
+                slot["error"] = slot["error"] or exc
+
+
 # ---- vacation replies (RFC 8621 §8, RFC 5230, RFC 3834) ----
 
 VACATION_DAYS = 7  # RFC 5230 §4.1: one reply per sender per 7 days
@@ -7133,17 +7202,19 @@ def deliver_mailbox(account_pk: int, wanted: str | None) -> int:
 
     A sender's +detail never creates a Mailbox; an unknown one files into the Inbox.
     """
-    live = Mailbox.select().where((Mailbox.account_pk == account_pk) & ~Mailbox.destroyed)
+    rows = db.execute_sql("SELECT pk, name, role FROM mailbox WHERE account_pk = ? AND "
+                          "destroyed = 0 ORDER BY pk", (account_pk,)).fetchall()
     if wanted:
-        for row in live.where(Mailbox.role == wanted.lower()):
-            return row.pk
-        for row in live:
-            if row.name.casefold() == wanted.casefold():
-                return row.pk
-    inbox = live.where(Mailbox.role == "inbox").first()
-    if inbox is None:
-        raise DeliveryTemporaryError("the account has no Inbox")
-    return inbox.pk
+        for pk, _, role in rows:
+            if role == wanted.lower():
+                return pk
+        for pk, name, _ in rows:
+            if name.casefold() == wanted.casefold():
+                return pk
+    for pk, _, role in rows:
+        if role == "inbox":
+            return pk
+    raise DeliveryTemporaryError("the account has no Inbox")
 
 
 class DeliveryTemporaryError(Exception):
@@ -7300,8 +7371,9 @@ class LmtpSession:
         raw, problem = self.read_message()
         if raw is None:
             raise ConnectionError("the connection ended inside DATA")  # RFC 5321 §4.1.1.10
-        for address, account, detail in self.recipients:
-            self.reply(problem or self.deliver_one(raw, address, account, detail))
+        replies = [problem] * len(self.recipients) if problem else self.deliver_all(raw)
+        for reply in replies:  # RFC 2033 §4.2: one reply per recipient, in order
+            self.reply(reply)
         self.reset()
 
     def read_message(self) -> tuple[bytes | None, str | None]:
@@ -7333,21 +7405,32 @@ class LmtpSession:
         return (f"Return-Path: <{self.sender}>\r\nReceived: from {self.peer} by {self.host} "
                 f"(jmapd) with LMTP; {stamp}\r\n").encode()
 
-    def deliver_one(self, raw: bytes, address: str, account, detail) -> str:
-        try:
-            deliver_check_space(self.app.cfg.data_dir, len(raw))
-            mailbox_pk = deliver_mailbox(account.pk, detail)
-            deliver_message(self.app.cfg.data_dir, account.pk, [raw], [mailbox_pk], {},
-                            self.app.clock.now(), incoming=True)
-        except DeliveryTemporaryError as exc:
-            log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
-            return f"452 4.3.1 {exc}"
-        except (peewee.OperationalError, OSError) as exc:
-            log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
-            return "451 4.3.0 temporary trouble, try again"
-        self.app.bus.notify(account.pk)
-        log.getChild("lmtp").info("delivered %d octets to %s", len(raw), account.username)
-        return "250 2.1.5 delivered"
+    def deliver_all(self, raw: bytes) -> list[str]:
+        """Deliver to every recipient in one group commit; a reply for each."""
+        replies, items, where = [], [], []
+        for address, account, detail in self.recipients:
+            try:
+                deliver_check_space(self.app.cfg.data_dir, len(raw))
+                items.append((account.pk, raw, deliver_mailbox(account.pk, detail)))
+                where.append(len(replies))
+                replies.append(None)
+            except DeliveryTemporaryError as exc:
+                log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
+                replies.append(f"452 4.3.1 {exc}")
+            except (peewee.OperationalError, OSError) as exc:
+                log.getChild("lmtp").warning("deferred mail for %r: %s", address, exc)
+                replies.append("451 4.3.0 temporary trouble, try again")
+        for index, error in zip(where, self.app.delivery.deliver(items) if items else []):
+            address, account, _ = self.recipients[index]
+            if error is None:
+                self.app.bus.notify(account.pk)
+                log.getChild("lmtp").info("delivered %d octets to %s", len(raw),
+                                          account.username)
+                replies[index] = "250 2.1.5 delivered"
+            else:
+                log.getChild("lmtp").warning("deferred mail for %r: %s", address, error)
+                replies[index] = "451 4.3.0 temporary trouble, try again"
+        return replies
 
 
 def lmtp_start(app, sockets: list) -> list:
@@ -8372,6 +8455,7 @@ class App:
         self.push_streams = 0
         self.websockets = 0
         self.push_wake = threading.Event()  # a subscription was made or verified
+        self.delivery = GroupCommit(cfg.data_dir, self.clock)
         self.ws_port = None  # the WebSocket listener's port, once bound
         self.workers = None  # waitress's task dispatcher, once serve has made it
         self.wsgi = http_middleware(self, http_routes(self))
