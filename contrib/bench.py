@@ -381,9 +381,121 @@ def bench_import(args):
               f"({done.stdout.strip()})")
 
 
+def bench_push(args):
+    """Median time from an Email/import response to the StateChange on each push channel
+    (EventSource, WebSocket, PushSubscription), and Core/echo latency with 20 push
+    connections open against none. Needs the `websockets` package (as the tests do)."""
+    import base64
+    import contextlib
+    import http.client
+    import json
+    import queue
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from websockets.sync.client import connect
+
+    server = Jmapd("--websocket", f"127.0.0.1:{free_port()}", "--max-push-connections", "30",
+                   "--test-push-allow-loopback")
+    http_ = server.http
+    session = http_.get(server.url + "/jmap/session", timeout=30).json()
+    api, account = session["apiUrl"], session["primaryAccounts"][MAIL]
+    ws_url = session["capabilities"]["urn:ietf:params:jmap:websocket"]["url"]
+    auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    arrivals = {"eventsource": queue.Queue(), "websocket": queue.Queue(),
+                "pushsubscription": queue.Queue()}
+
+    def call(*calls):
+        body = {"using": [CORE, MAIL], "methodCalls": list(calls)}
+        return http_.post(api, json=body, timeout=60).json()["methodResponses"]
+
+    def read_events(stop):
+        host, port = server.url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("GET", "/jmap/eventsource/?types=Email&closeafter=no&ping=0",
+                     headers={"Authorization": auth, "Accept": "text/event-stream"})
+        response = conn.getresponse()
+        while not stop.is_set():
+            line = response.fp.readline()
+            if line.startswith(b"event: state"):
+                arrivals["eventsource"].put(time.perf_counter())
+            if not line:
+                return
+
+    def read_websocket(ws):
+        ws.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": ["Email"]}))
+        for message in ws:
+            if json.loads(message).get("@type") == "StateChange":
+                arrivals["websocket"].put(time.perf_counter())
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(201)
+            self.end_headers()
+            if body["@type"] == "PushVerification":
+                verified.put(body)
+            else:
+                arrivals["pushsubscription"].put(time.perf_counter())
+
+        def log_message(self, *_):
+            pass
+
+    verified = queue.Queue()
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    made = call(["PushSubscription/set", {"create": {"p": {
+        "deviceClientId": "bench", "types": ["Email"],
+        "url": f"http://127.0.0.1:{receiver.server_port}/push"}}}, "0"])[0][1]
+    code = verified.get(timeout=10)
+    call(["PushSubscription/set", {"update": {made["created"]["p"]["id"]: {
+        "verificationCode": code["verificationCode"]}}}, "0"])
+    stop = threading.Event()
+    threading.Thread(target=read_events, args=(stop,), daemon=True).start()
+    sockets = contextlib.ExitStack()
+    ws = sockets.enter_context(connect(ws_url, subprotocols=["jmap"],
+                                       additional_headers={"Authorization": auth}))
+    threading.Thread(target=read_websocket, args=(ws,), daemon=True).start()
+    inbox = next(m["id"] for m in call(["Mailbox/get", {"accountId": account}, "0"])[0][1][
+        "list"] if m["role"] == "inbox")
+    blob = http_.post(session["uploadUrl"].replace("{accountId}", account),
+                      data=synthetic_message(1, __import__("random").Random(1)),
+                      timeout=30).json()["blobId"]
+    time.sleep(1)
+    latencies = {name: [] for name in arrivals}
+    for n in range(args.push_changes):
+        call(["Email/import", {"accountId": account, "emails": {"i": {
+            "blobId": blob, "mailboxIds": {inbox: True}}}}, "0"])
+        answered = time.perf_counter()
+        for name, arrived in arrivals.items():
+            latencies[name].append((arrived.get(timeout=10) - answered) * 1000)
+        time.sleep(0.1)  # changes a moment apart are coalesced on purpose
+    for name, values in latencies.items():
+        print(f"push_{name}_after_import_median: {statistics.median(values):.1f} ms "
+              f"(p95 {sorted(values)[int(len(values) * 0.95)]:.1f} ms, {len(values)} changes; "
+              "negative: the push came before the HTTP response)")
+    echo = {"using": [CORE], "methodCalls": [["Core/echo", {"ping": True}, "e"]]}
+    median, p95 = _timed(http_, api, echo, args.requests)
+    print(f"echo_with_1_stream_and_1_websocket: median {median:.2f} ms  p95 {p95:.2f} ms")
+    extra_streams = [threading.Thread(target=read_events, args=(stop,), daemon=True)
+                     for _ in range(9)]
+    for thread in extra_streams:
+        thread.start()
+    for _ in range(9):
+        sockets.enter_context(connect(ws_url, subprotocols=["jmap"],
+                                      additional_headers={"Authorization": auth}))
+    time.sleep(1)
+    median, p95 = _timed(http_, api, echo, args.requests)
+    print(f"echo_with_10_streams_and_10_websockets: median {median:.2f} ms  p95 {p95:.2f} ms")
+    print(f"server_rss_with_20_push_connections: "
+          f"{proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
+    stop.set()
+    sockets.close()
+    server.stop()
+
+
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
               "upload": bench_upload, "store": bench_store, "mailbox": bench_mailbox,
-              "lmtp": bench_lmtp, "import": bench_import}
+              "lmtp": bench_lmtp, "import": bench_import, "push": bench_push}
 
 
 def main():
@@ -396,6 +508,7 @@ def main():
     parser.add_argument("--messages", type=int, default=10_000, help="messages to store")
     parser.add_argument("--mailbox", type=int, default=100_000, help="messages in the mailbox")
     parser.add_argument("--lmtp-messages", type=int, default=2000, help="messages sent by LMTP")
+    parser.add_argument("--push-changes", type=int, default=100, help="changes timed per channel")
     parser.add_argument("--reuse", metavar="DIR", help="build the mailbox in DIR once and "
                         "measure it again on later runs (the user is bench@example.com)")
     args = parser.parse_args()
