@@ -622,6 +622,7 @@ OPTIONS = (
     Opt("--websocket", None, conv_listen,
         "also serve JMAP over WebSocket on HOST:PORT (RFC 8887; map /jmap/ws/ onto it)"),
     Opt("--max-websockets", 32, conv_positive, "WebSocket connections open at once, in all"),
+    Opt("--max-event-streams", 32, conv_positive, "EventSource streams open at once, in all"),
     Opt("--user", None, str, "the address the mail is for", ("deliver", "import")),
     Opt("--mailbox", None, str, "a role (inbox, junk, …) or Mailbox name; else the Inbox",
         ("deliver", "import")),
@@ -691,6 +692,7 @@ class Config:
     lmtp_socket: str | None = None
     websocket: tuple | None = None
     max_websockets: int = 32
+    max_event_streams: int = 32
     user: str | None = None
     mailbox: str | None = None
     alias: str | None = None
@@ -8695,6 +8697,11 @@ def http_eventsource(app: App):
     if closeafter not in ("state", "no") or not ping.isdigit():
         raise http_problem(400, "about:blank", "closeafter is state or no; ping is seconds")
     ping_s = min(max(int(ping), PING_MIN_S), PING_MAX_S) if int(ping) else 0
+    if app.push_streams >= app.cfg.max_event_streams:  # every stream holds a thread
+        problem = http_problem(503, "about:blank", f"more than {app.cfg.max_event_streams} "
+                               "EventSource streams are open; try again later")
+        problem.set_header("Retry-After", "30")
+        raise problem
     slot = _Slot(app, user, "eventSource", app.cfg.max_push_connections)
     slot.__enter__()  # a 400 limit problem when the user has too many streams open
     environ = bottle.request.environ
