@@ -7449,15 +7449,22 @@ def lmtp_start(app, sockets: list) -> list:
             except (OSError, socket.timeout, ConnectionError) as exc:
                 log.getChild("lmtp").info("connection from %s ended: %s", peer, exc)
 
+    return serve_threaded(sockets, Handler, "lmtp")
+
+
+def serve_threaded(sockets: list, handler, name: str) -> list:
+    """Serve already-bound sockets with a thread per connection; return the servers."""
+    import socketserver  # lazy: only the LMTP and WebSocket listeners use it
+
     servers = []
     for sock in sockets:
         base = (socketserver.ThreadingUnixStreamServer if sock.family == socket.AF_UNIX
                 else socketserver.ThreadingTCPServer)
-        server = base(sock.getsockname(), Handler, bind_and_activate=False)
+        server = base(sock.getsockname(), handler, bind_and_activate=False)
         server.socket.close()
         server.socket = sock  # already bound and listening
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="lmtp", daemon=True).start()
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
         servers.append(server)
     return servers
 
@@ -8369,17 +8376,7 @@ def ws_start(app, sockets: list) -> list:
             peer = self.client_address[0] if isinstance(self.client_address, tuple) else ""
             ws_connection(app, self.request, str(peer))
 
-    servers = []
-    for sock in sockets:
-        base = (socketserver.ThreadingUnixStreamServer if sock.family == socket.AF_UNIX
-                else socketserver.ThreadingTCPServer)
-        server = base(sock.getsockname(), Handler, bind_and_activate=False)
-        server.socket.close()
-        server.socket = sock
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="websocket", daemon=True).start()
-        servers.append(server)
-    return servers
+    return serve_threaded(sockets, Handler, "websocket")
 
 
 def ws_connection(app, sock: socket.socket, peer: str) -> None:
