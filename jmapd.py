@@ -1157,6 +1157,7 @@ class PushSubscription(JmapRow):
     failing_since = peewee.IntegerField(null=True)
     next_attempt_at = peewee.IntegerField(default=0)
     created_at = peewee.IntegerField(default=0)
+    pushed_state = peewee.TextField(null=True)  # event id of the states last pushed
 
     class Meta:
         table_name = "push_subscription"
@@ -1473,6 +1474,10 @@ def _migration_8_push_subscriptions(database) -> None:
                          "(account_pk, credential)")
 
 
+def _migration_9_push_state(database) -> None:
+    database.execute_sql("ALTER TABLE push_subscription ADD COLUMN pushed_state TEXT")
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
@@ -1482,6 +1487,7 @@ MIGRATIONS = (
     (6, "sharing, identities, vacation response", _migration_6_sharing_identities_vacation),
     (7, "submission queue", _migration_7_submission),
     (8, "push subscriptions", _migration_8_push_subscriptions),
+    (9, "push subscription state", _migration_9_push_state),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -3045,6 +3051,8 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
     values = {**current, **changed}
     _check_size(spec, values)
     spec.validate(ctx, values, row)
+    changed = {name: value for name, value in values.items()  # validate() may adjust
+               if name in changed or not json_equal(value, current.get(name))}
     for column, value in _columns(spec, changed).items():
         setattr(row, column, value)
     record_change(ctx.changes, spec.name, row, "updated")
@@ -3801,16 +3809,24 @@ class PushSubscriptionType(TypeSpec):
         ctx.app.push_wake.set()
 
     def on_update(self, ctx, row, values):
+        if "verificationCode" in values and row.verification_code == row.expected_code:
+            # Verified: changes from this moment on are pushed, even the very next one.
+            row.pushed_state = push_event_id({
+                account.id: {"all": str(db.execute_sql(
+                    "SELECT modseq FROM account WHERE pk = ?", (account.pk,)).fetchone()[0])}
+                for account, _ in ctx.app.accessible_accounts(ctx.user).values()})
+            row.save()
         ctx.app.push_wake.set()
 
     def on_destroy(self, ctx, row, args):
-        push_erase(row.pk)
+        row.url, row.keys, row.expected_code = "", None, ""  # saved with the tombstone
 
 
-def push_erase(pk: int) -> None:
-    """RFC 8620 §7.2: the url and keys of a destroyed subscription are erased at once."""
-    PushSubscription.update(url="", keys=None, expected_code="").where(
-        PushSubscription.pk == pk).execute()
+def push_drop(where) -> None:
+    """Destroy subscriptions outside a /set: their url and keys erased at once (RFC 8620
+    §7.2); the erased rows stay a while so the hourly creation limit still counts them."""
+    PushSubscription.update(destroyed=True, destroyed_at=int(time.time()), url="", keys=None,
+                            expected_code="").where(where).execute()
 
 
 PUSH_GET_ARGS = {"ids": (nullable(a_ids), None), "properties": (nullable(a_strs), None)}
@@ -3847,8 +3863,8 @@ def push_subscription_set(ctx: Call, raw_args: dict) -> dict:
 
 def push_forget_credential(account_pk: int, credential: str) -> None:
     """A revoked or changed credential takes its subscriptions with it (RFC 8620 §7.2)."""
-    PushSubscription.delete().where((PushSubscription.account_pk == account_pk)
-                                    & (PushSubscription.credential == credential)).execute()
+    push_drop((PushSubscription.account_pk == account_pk)
+              & (PushSubscription.credential == credential))
 
 
 class PushSender:
@@ -3864,6 +3880,7 @@ class PushSender:
 
     def run(self) -> None:
         while not self.app.bus.stopping.is_set():
+            self.app.push_wake.clear()  # before the round: a wake-up during it is kept
             try:
                 self.round()
             except peewee.OperationalError as exc:
@@ -3873,9 +3890,8 @@ class PushSender:
             versions = {}
             for watch in self.watches.values():
                 versions.update(watch.versions)
-            self.app.push_wake.clear()
-            if versions:
-                self.app.bus.wait_any(versions, 1.0)
+            if versions and not self.app.push_wake.is_set():
+                self.app.bus.wait_any(versions, 0.25)  # new subscriptions seen soon too
             else:
                 self.app.push_wake.wait(1.0)
 
@@ -3885,8 +3901,7 @@ class PushSender:
             expired = PushSubscription.select(PushSubscription.pk).where(
                 (PushSubscription.destroyed == False)  # noqa: E712
                 & (PushSubscription.expires < now))
-            for (pk,) in expired.tuples():  # RFC 8620 §7.2: no requests after expires
-                PushSubscription.delete().where(PushSubscription.pk == pk).execute()
+            push_drop(PushSubscription.pk.in_(expired))  # RFC 8620 §7.2: none after expires
         rows = list(PushSubscription.select().where(
             (PushSubscription.destroyed == False)  # noqa: E712
             & (PushSubscription.next_attempt_at <= now)))
@@ -3902,16 +3917,19 @@ class PushSender:
                 continue
             if row.verification_code != row.expected_code:
                 continue  # RFC 8620 §7.2: nothing more until verified
+            types = set(json.loads(row.types)) if row.types else None
             watch = self.watches.get(row.pk)
-            if watch is None:
+            if watch is None or watch.types != types:  # new, or its types were changed
                 user = Account.get_or_none(Account.pk == row.account_pk)
-                types = set(json.loads(row.types)) if row.types else None
-                watch = self.watches[row.pk] = PushWatch(self.app, user, types, None)
+                seen = push_parse_event_id(row.pushed_state) if row.pushed_state else None
+                watch = self.watches[row.pk] = PushWatch(self.app, user, types, seen)
             changed, states = watch.pending()
             if changed and self.post(row, {"@type": "StateChange", "changed": changed},
                                      "high" if any("EmailDelivery" in c for c in changed.values())
                                      else "normal"):
                 watch.mark_sent(states)
+                PushSubscription.update(pushed_state=push_event_id(states)).where(
+                    PushSubscription.pk == row.pk).execute()  # a restart goes on from here
 
     def post(self, row: PushSubscription, body: dict, urgency: str) -> bool:
         """POST one push message; record success, back off, or drop the subscription."""
@@ -3933,8 +3951,7 @@ class PushSender:
             return True
         if status in (404, 410) or (row.failing_since and now - row.failing_since > PUSH_GIVE_UP_S):
             log.info("push subscription %d dropped (%s)", row.pk, status or "unreachable")
-            with db.atomic("IMMEDIATE"):
-                PushSubscription.delete().where(PushSubscription.pk == row.pk).execute()
+            push_drop(PushSubscription.pk == row.pk)
             return False
         delay = retry_after or min(10 * 2 ** row.failures, PUSH_RETRY_MAX_S)  # 429: slower
         PushSubscription.update(failures=row.failures + 1, failing_since=row.failing_since
