@@ -216,7 +216,7 @@ def build_mailbox(data_dir: str, count: int, rng) -> float:
     account = jmapd.account_create(auth, USER, PASSWORD, time.time())
     inbox = jmapd.Mailbox.get((jmapd.Mailbox.account_pk == account.pk)
                               & (jmapd.Mailbox.role == "inbox")).pk
-    started, batch, stored = time.perf_counter(), [], 0
+    storing, batch, stored = 0.0, [], 0  # only the storing is timed, not making messages
     base = time.time() - count * 600
     for n in range(count):
         raw = synthetic_message(n, rng)
@@ -230,11 +230,13 @@ def build_mailbox(data_dir: str, count: int, rng) -> float:
         batch.append(raw)
         if len(batch) == 500 or n == count - 1:
             keywords = {"$seen": True} if rng.random() < 0.7 else {}
+            started = time.perf_counter()
             jmapd.deliver_message(data_dir, account.pk, batch, [inbox], keywords,
                                   base + n * 600)
+            storing += time.perf_counter() - started
             stored += len(batch)
             batch = []
-    rate = stored / (time.perf_counter() - started)
+    rate = stored / storing
     jmapd.db.close()
     return rate
 

@@ -7,10 +7,15 @@ RFC 8620 §2 (session URLs behind a proxy), §2.2 (/.well-known/jmap, RFC 8615),
 
 The unit is checked with `systemd-analyze` and by running its ExecStart line; nginx is run
 for real with contrib/nginx.conf and contrib/jmapd-proxy.conf, and Caddy with
-contrib/Caddyfile (each skipped where not installed).
+contrib/Caddyfile (each skipped where not installed). Behind each, jmapd also serves JMAP
+over WebSocket (RFC 8887) on its own listener, which the proxy maps onto /jmap/ws/ of the
+same origin; the `websockets` package is the client there (wss:// through the proxy).
 """
 
+import base64
 import hashlib
+import inspect
+import json
 import os
 import re
 import secrets
@@ -18,6 +23,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -97,6 +103,59 @@ def recv_notify(sock, proc, timeout=20):
             continue
         return set(data.decode().split("\n")) - {""}
     pytest.fail("no sd_notify message")
+
+
+def websocket_port(server):
+    """The port of jmapd's WebSocket listener (--websocket 127.0.0.1:0), from its log."""
+    match = re.search(r"JMAP over WebSocket on ws://127\.0\.0\.1:(\d+)/jmap/ws/", server.log())
+    assert match, server.log()
+    return int(match.group(1))
+
+
+def check_websocket_through_proxy(proxy, ca_file):
+    """RFC 8887 through the proxy: the session (asked through it) names the same-origin
+    wss URL; there, with the test's own CA trusted, a Core/echo is answered and a change
+    by another client (HTTP through the proxy) is pushed. A page of the proxy's own
+    origin may use Basic; a foreign origin is refused (jmapd sees the forwarded origin)."""
+    ws_client = pytest.importorskip("websockets.sync.client")
+    from websockets.exceptions import InvalidStatus
+
+    client = proxy.client()
+    capability = client.session["capabilities"]["urn:ietf:params:jmap:websocket"]
+    assert capability == {"url": f"wss://{urlsplit(proxy.base).netloc}/jmap/ws/",
+                          "supportsPush": True}, capability
+    context = ssl.create_default_context(cafile=str(ca_file))
+    kwargs = {"ssl": context, "subprotocols": ["jmap"], "open_timeout": 30,
+              "additional_headers": {"Authorization": "Basic " + base64.b64encode(
+                  f"{ALICE}:{PASSWORD}".encode()).decode()}}
+    if "proxy" in inspect.signature(ws_client.connect).parameters:
+        kwargs["proxy"] = None  # never an HTTP proxy from the environment
+
+    def recv(ws):
+        return json.loads(ws.recv(timeout=30))
+
+    with ws_client.connect(capability["url"], origin=proxy.base, **kwargs) as ws:
+        assert ws.subprotocol == "jmap"
+        ws.send(json.dumps({"@type": "Request", "id": "R1", "using": [CORE],
+                            "methodCalls": [["Core/echo", {"hello": True, "high": 5}, "b3ff"]]}))
+        assert recv(ws) == {"@type": "Response", "requestId": "R1",
+                            "methodResponses": [["Core/echo", {"hello": True, "high": 5}, "b3ff"]],
+                            "sessionState": client.session["state"]}
+        ws.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": ["Mailbox"]}))
+        ws.send(json.dumps({"@type": "Request", "id": "sync", "using": [CORE],
+                            "methodCalls": [["Core/echo", {}, "s"]]}))
+        assert recv(ws)["requestId"] == "sync"  # the enable was read before the change
+        writer = proxy.client()
+        created = writer.ok("Mailbox/set", {"accountId": writer.account_id, "create": {
+            "m": {"name": f"via websocket {secrets.token_hex(4)}"}}})
+        change = recv(ws)
+        assert change["@type"] == "StateChange", change
+        assert change["changed"] == {writer.account_id: {"Mailbox": created["newState"]}}, change
+        assert isinstance(change["pushState"], str) and change["pushState"], change
+
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(capability["url"], origin="https://evil.example", **kwargs)
+    assert refused.value.response.status_code == 403
 
 
 # ---------------------------------------------------------------------------
@@ -479,18 +538,20 @@ def free_port(ipv6_too):
     raise RuntimeError("no free port")
 
 
-def render_site(jmapd_port, nginx_port, ipv6, cert, key, include):
+def render_site(jmapd_port, nginx_port, ipv6, cert, key, include, ws_port):
     """contrib/nginx.conf with this test's ports, certificate and include path."""
     text = (CONTRIB / "nginx.conf").read_text()
     ipv6_listen = f"listen [::1]:{nginx_port} ssl;" if ipv6 else ""
     substitutions = [
         (r"server\s+127\.0\.0\.1:8080\s*;", f"server 127.0.0.1:{jmapd_port};", 1),
+        (r"server\s+127\.0\.0\.1:8081\s*;", f"server 127.0.0.1:{ws_port};", 1),
         (r"listen\s+443\s+ssl\s*;", f"listen 127.0.0.1:{nginx_port} ssl;", 1),
         (r"listen\s+\[::\]:443\s+ssl\s*;", ipv6_listen, 1),
         (r"server_name\s+[^;]+;", "server_name 127.0.0.1;", 1),
         (r"ssl_certificate\s+[^;]+;", f"ssl_certificate {cert};", 1),
         (r"ssl_certificate_key\s+[^;]+;", f"ssl_certificate_key {key};", 1),
-        (r"include\s+/etc/nginx/jmapd-proxy\.conf\s*;", f"include {include};", 2),
+        # /.well-known/jmap, /jmap/, /jmap/eventsource/, /jmap/ws/
+        (r"include\s+/etc/nginx/jmapd-proxy\.conf\s*;", f"include {include};", 4),
     ]
     for pattern, replacement, count in substitutions:
         text, made = re.subn(pattern, replacement, text)
@@ -533,12 +594,14 @@ class Proxied:
         for user in (ALICE, BOB, CAROL):
             add_user(data_dir, user)
         self.jmapd = Server(data_dir, "--trusted-proxy", "127.0.0.1",
-                            "--max-login-failures-per-address", "3").start()
+                            "--max-login-failures-per-address", "3",
+                            "--websocket", "127.0.0.1:0").start()
         self.port = free_port(self.ipv6)
         shutil.copy(CONTRIB / "jmapd-proxy.conf", self.prefix / "jmapd-proxy.conf")
         site = self.prefix / "jmapd.conf"
         site.write_text(render_site(int(self.jmapd.url.rsplit(":", 1)[1]), self.port, self.ipv6,
-                                    self.cert, self.key, self.prefix / "jmapd-proxy.conf"))
+                                    self.cert, self.key, self.prefix / "jmapd-proxy.conf",
+                                    websocket_port(self.jmapd)))
         self.conf = self.prefix / "nginx.conf"
         self.conf.write_text(top_level_conf(self.prefix, site))
         self.base = f"https://127.0.0.1:{self.port}"
@@ -668,6 +731,11 @@ def test_appliance_nginx_upload_download_3mb(proxied):
 
 
 @needs_nginx
+def test_appliance_nginx_websocket(proxied):
+    check_websocket_through_proxy(proxied, proxied.cert)
+
+
+@needs_nginx
 def test_appliance_nginx_forged_x_forwarded_for_is_not_the_client(proxied):
     """Runs last in this module: it spends [::1]'s login-failure budget on purpose.
 
@@ -714,7 +782,7 @@ def caddy_env(home):
     return env
 
 
-def render_caddyfile(jmapd_port, caddy_port, ipv6):
+def render_caddyfile(jmapd_port, caddy_port, ipv6, ws_port):
     """contrib/Caddyfile with this test's addresses; its site block otherwise as shipped.
 
     The global options keep Caddy on loopback and off the network and the system: no admin
@@ -728,6 +796,7 @@ def render_caddyfile(jmapd_port, caddy_port, ipv6):
     substitutions = [
         (r"^mail\.example\.com(\s*\{)", sites + r"\1", 1),
         (r"(reverse_proxy\s+\S+\s+)127\.0\.0\.1:8080\b", rf"\g<1>127.0.0.1:{jmapd_port}", 2),
+        (r"(reverse_proxy\s+\S+\s+)127\.0\.0\.1:8081\b", rf"\g<1>127.0.0.1:{ws_port}", 1),
     ]
     for pattern, replacement, count in substitutions:
         text, made = re.subn(pattern, replacement, text, flags=re.M)
@@ -758,12 +827,13 @@ class CaddyProxied:
             add_user(data_dir, user)
         # Caddy dials the upstream as written, 127.0.0.1, so only that address is trusted.
         self.jmapd = Server(data_dir, "--trusted-proxy", "127.0.0.1",
-                            "--max-login-failures-per-address", "3").start()
+                            "--max-login-failures-per-address", "3",
+                            "--websocket", "127.0.0.1:0").start()
         self.port = free_port(self.ipv6)
         self.base = f"https://127.0.0.1:{self.port}"
         self.base6 = f"https://[::1]:{self.port}"
         self.conf.write_text(render_caddyfile(int(self.jmapd.url.rsplit(":", 1)[1]),
-                                              self.port, self.ipv6))
+                                              self.port, self.ipv6, websocket_port(self.jmapd)))
         self.log = open(self.prefix / "caddy.log", "w")
         self.proc = subprocess.Popen(
             [CADDY, "run", "--config", str(self.conf), "--adapter", "caddyfile"],
@@ -904,6 +974,11 @@ def test_appliance_caddy_body_limit_admits_jmapds_upload_limit(caddied):
     problem = r.json()
     assert problem["type"] == "urn:ietf:params:jmap:error:limit", problem
     assert problem["limit"] == "maxSizeUpload", problem
+
+
+@needs_caddy
+def test_appliance_caddy_websocket(caddied):
+    check_websocket_through_proxy(caddied, caddied.root)
 
 
 @needs_caddy
