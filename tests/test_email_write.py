@@ -1171,6 +1171,22 @@ def test_too_many_mailboxes_and_keywords_on_import(crowded):
     assert set(resp["created"]) == {"fine"}
 
 
+def test_import_of_a_blob_that_is_no_message_is_invalid_email(writer):
+    """RFC 8621 §4.8: a blob that is not a message may be refused with invalidEmail; one
+    that begins with a header field (however sloppy the rest) is imported."""
+    client = writer.client
+    png = upload(client, b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "image/png")
+    prose = upload(client, b"Dear diary,\r\n\r\nno headers here.\r\n", "text/plain")
+    sloppy = upload(client, b"Subject: only this\r\nno colon on this line\r\n\r\nbody\r\n",
+                    "message/rfc822")
+    resp = client.ok("Email/import", {"accountId": writer.id, "emails": {
+        name: {"blobId": blob, "mailboxIds": {writer.inbox: True}}
+        for name, blob in (("png", png), ("prose", prose), ("sloppy", sloppy))}})
+    assert no_descriptions(resp["notCreated"]) == {"png": {"type": "invalidEmail"},
+                                                   "prose": {"type": "invalidEmail"}}
+    assert set(resp["created"]) == {"sloppy"}
+
+
 # =============================================================================
 # Email/parse (RFC 8621 §4.9)
 # =============================================================================
