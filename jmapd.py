@@ -2022,6 +2022,18 @@ class Authenticator:
             return False
 
 
+def auth_still_valid(account: Account) -> bool:
+    """Whether the credential that authenticated `account` still stands: the user exists,
+    and its password is unchanged or its app password not revoked (long-lived
+    connections ask again; RFC 8887 §4.2)."""
+    if account.credential and account.credential.startswith("token:"):
+        return db.execute_sql("SELECT 1 FROM app_password WHERE pk = ? AND account_pk = ?",
+                              (int(account.credential[6:]), account.pk)).fetchone() is not None
+    row = db.execute_sql("SELECT password_hash FROM account WHERE pk = ?",
+                         (account.pk,)).fetchone()
+    return row is not None and row[0] == account.password_hash
+
+
 def auth_token_create(auth: Authenticator, account: Account, label: str, now: float) -> str:
     """Create an app password for a device; return it (shown once, stored hashed)."""
     public_id = secrets.token_urlsafe(9).replace("-", "x").replace("_", "y")
@@ -3629,6 +3641,8 @@ def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s
     yield ": jmapd event stream\n\n"
     last_event = last_write = time.monotonic()
     while not app.bus.stopping.is_set() and not gone():
+        if not auth_still_valid(user):
+            return  # the user or the credential is gone: the stream ends
         changed, now = watch.changes()
         if changed:
             body = json_dumps({"@type": "StateChange", "changed": changed})
@@ -3652,7 +3666,7 @@ class PushWatch:
     (RFC 8620 §7.1); shared by EventSource and WebSocket push."""
 
     def __init__(self, app, user: Account, types, seen: dict | None):
-        self.app, self.types = app, types
+        self.app, self.types, self.user = app, types, user
         self.accounts = {a.pk: a.id for a, _ in app.accessible_accounts(user).values()}
         self.versions = {pk: app.bus.snapshot(pk)[0] for pk in self.accounts}
         self.sent = self.states()
@@ -3672,11 +3686,21 @@ class PushWatch:
 
     def pending(self) -> tuple[dict, dict]:
         """What changed since the client was last told, without counting it as told."""
+        self.refresh_accounts()
         now = self.states()
         return push_state_changes(self.sent, now, self.types), now
 
     def mark_sent(self, states: dict) -> None:
         self.sent = states
+
+    def refresh_accounts(self) -> None:
+        """Follow shares given and taken back while the channel is open."""
+        accounts = {a.pk: a.id for a, _ in self.app.accessible_accounts(self.user).values()}
+        if accounts != self.accounts:
+            self.accounts = accounts
+            self.versions = {pk: self.versions.get(pk, self.app.bus.snapshot(pk)[0])
+                             for pk in accounts}
+            self.sent = {a: s for a, s in self.sent.items() if a in accounts.values()}
 
     def wait(self, timeout_s: float) -> None:
         """Until a watched account moves on (then a moment more, to coalesce) or timeout."""
@@ -8262,9 +8286,13 @@ def ws_authenticate(app, sock, headers: dict, params: dict, environ: dict):
     return user
 
 
-def ws_refuse(sock, status: int, detail: str, extra: dict | None = None) -> None:
+def ws_refuse(sock, status: int, detail: str, extra: dict | None = None,
+              kind: str = "about:blank", limit: str | None = None) -> None:
     """Answer a handshake with an RFC 7807 problem and close."""
-    body = json_dumps({"type": "about:blank", "status": status, "detail": detail}).encode()
+    problem = {"type": kind, "status": status, "detail": detail}
+    if limit:
+        problem["limit"] = limit  # RFC 8620 §3.6.1, as over HTTP
+    body = json_dumps(problem).encode()
     reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
               426: "Upgrade Required", 429: "Too Many Requests",
               503: "Service Unavailable"}[status]
@@ -8304,6 +8332,8 @@ class JmapWebSocket:
             return self.send_error(None, RequestError("notJSON", f"not I-JSON: {exc}"))
         kind = message.get("@type") if isinstance(message, dict) else None
         request_id = message.get("id") if isinstance(message, dict) else None
+        if not auth_still_valid(self.user):  # RFC 8887 §4.2: 1008 once credentials go
+            self.ws.fail(1008, "the credentials are no longer valid")
         if kind == "Request":
             if request_id is not None and not isinstance(request_id, str):
                 return self.send_error(None, RequestError("notRequest", "id must be a String"))
@@ -8342,8 +8372,8 @@ class JmapWebSocket:
             return self.send_error(request_id, exc)
         finally:
             self.running.release()
-        reply = {"@type": "Response", **({"requestId": request_id} if request_id else {}),
-                 **response}
+        reply = {"@type": "Response",
+                 **({"requestId": request_id} if request_id is not None else {}), **response}
         self.send(reply)
         log.info("ws %s [%s] %.1f ms", self.user.username,
                  ",".join(r[0] for r in response["methodResponses"]),
@@ -8362,6 +8392,9 @@ class JmapWebSocket:
         """StateChange with pushState whenever a watched state moves (RFC 8887 §4.3.5)."""
         last_write = time.monotonic()
         while not self.ws.close_sent and not self.app.bus.stopping.is_set():
+            if not auth_still_valid(self.user):
+                self.ws.close(1008, "the credentials are no longer valid")
+                return
             with self.push_lock:
                 watch = self.watch
             if watch is not None:
@@ -8414,7 +8447,7 @@ def ws_connection(app, sock: socket.socket, peer: str) -> None:
                 log.info("ws %s connected from %s", user.username, address)
                 JmapWebSocket(app, WebSocket(sock, app.cfg.max_size_request), user).run()
         except RequestError as exc:
-            ws_refuse(sock, 400, exc.detail)
+            ws_refuse(sock, 400, exc.detail, kind=PROBLEM_PREFIX + exc.kind, limit=exc.limit)
         finally:
             with app.inflight_lock:
                 app.websockets -= 1

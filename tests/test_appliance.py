@@ -596,14 +596,18 @@ class Proxied:
         self.jmapd = Server(data_dir, "--trusted-proxy", "127.0.0.1",
                             "--max-login-failures-per-address", "3",
                             "--websocket", "127.0.0.1:0").start()
-        self.port = free_port(self.ipv6)
-        shutil.copy(CONTRIB / "jmapd-proxy.conf", self.prefix / "jmapd-proxy.conf")
-        site = self.prefix / "jmapd.conf"
-        site.write_text(render_site(int(self.jmapd.url.rsplit(":", 1)[1]), self.port, self.ipv6,
-                                    self.cert, self.key, self.prefix / "jmapd-proxy.conf",
-                                    websocket_port(self.jmapd)))
-        self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(top_level_conf(self.prefix, site))
+        try:
+            self.port = free_port(self.ipv6)
+            shutil.copy(CONTRIB / "jmapd-proxy.conf", self.prefix / "jmapd-proxy.conf")
+            site = self.prefix / "jmapd.conf"
+            site.write_text(render_site(
+                int(self.jmapd.url.rsplit(":", 1)[1]), self.port, self.ipv6, self.cert,
+                self.key, self.prefix / "jmapd-proxy.conf", websocket_port(self.jmapd)))
+            self.conf = self.prefix / "nginx.conf"
+            self.conf.write_text(top_level_conf(self.prefix, site))
+        except BaseException:
+            self.jmapd.stop()  # the fixture never gets to stop() when this fails
+            raise
         self.base = f"https://127.0.0.1:{self.port}"
         self.base6 = f"https://[::1]:{self.port}"
         self.proc = None

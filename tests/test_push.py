@@ -680,12 +680,24 @@ def test_push_reports_a_delivery_by_the_deliver_command(push_server, alice, stre
 
 def test_push_cli_user_commands_push_nothing_to_the_user(push_server, alice, streams):
     stream = connected(streams(alice))
-    done = run_cli("user", "passwd", alice.username, "--password-stdin",
-                   data_dir=push_server.data_dir, input_text=PASSWORD + "\n")
-    assert done.returncode == 0, done.stderr
     add_user(push_server.data_dir, f"{unique('carol')}@example.com")  # another account
     barrier = make_mailbox(alice)
     event = stream.next_state()
+    assert event.json() == exactly(alice.account_id, "Mailbox", barrier)
+
+
+def test_push_stream_ends_when_its_password_changes(push_server, alice, streams):
+    """`user passwd` revokes the password a stream was opened with: the stream ends
+    (as RFC 8887 §4.2 lets a server end a WebSocket whose credentials went away); a
+    stream opened with the new password carries on."""
+    before = connected(streams(alice))
+    done = run_cli("user", "passwd", alice.username, "--password-stdin",
+                   data_dir=push_server.data_dir, input_text=PASSWORD + "\n")
+    assert done.returncode == 0, done.stderr
+    assert before.wait_end(), "the stream outlived the password it was opened with"
+    after = connected(streams(alice))
+    barrier = make_mailbox(alice)
+    event = after.next_state()
     assert event.json() == exactly(alice.account_id, "Mailbox", barrier)
 
 
