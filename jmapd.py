@@ -7095,8 +7095,11 @@ def vacation_consider(data_dir: str, account_pk: int, raw: bytes, now: float) ->
 
 
 def vacation_sender(root: MimePart) -> str | None:
-    """The envelope sender the MTA recorded in Return-Path; None for <> (a bounce)."""
-    value = root.header("return-path")
+    """The envelope sender the MTA recorded in Return-Path; None for <> (a bounce).
+
+    The topmost Return-Path is the final delivery's (RFC 5321 §4.4); older ones the
+    message carried from elsewhere say nothing about this envelope."""
+    value = next((v for n, v in root.headers if n.lower() == "return-path"), None)
     if value is None:
         return None
     found = re.search(r"<([^<>\s]*)>", value) or re.search(r"(\S+@\S+)", value)
@@ -7161,7 +7164,9 @@ def vacation_reply(vacation: VacationResponse, root: MimePart, identity: Identit
               ("Auto-Submitted", " auto-replied")]
     message_ids = mime_header_property(root.headers, "header:Message-ID:asMessageIds") or []
     if message_ids:
-        references = mime_header_property(root.headers, "header:References:asMessageIds") or []
+        references = mime_header_property(root.headers, "header:References:asMessageIds") or (
+            mime_header_property(root.headers, "header:In-Reply-To:asMessageIds") or [])[:1]
+        # RFC 5322 §3.6.4: the parent's References, else its In-Reply-To, then its id
         fields.append(("In-Reply-To", mime_write_value("MessageIds", message_ids[:1])))
         fields.append(("References", mime_write_value("MessageIds", references + message_ids[:1])))
     fields.append(("MIME-Version", " 1.0"))
