@@ -762,6 +762,28 @@ def test_push_limit_one_refuses_a_second_stream_until_the_first_closes(limit_ser
     assert again.status == 200, (again.status, again.body)
 
 
+def test_push_total_stream_cap_refuses_with_503_until_one_closes(tmp_path, streams):
+    """--max-event-streams caps the streams of all users together (each holds a thread)."""
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "first@example.com")
+    srv = Server(data_dir, "--max-event-streams", "2").start()
+    try:
+        users = [new_client(srv, "cap") for _ in range(3)]
+        first, second = connected(streams(users[0])), connected(streams(users[1]))
+        refused = streams(users[2])
+        assert refused.status == 503, refused.status
+        assert refused.headers.get("Retry-After"), refused.headers
+        assert json.loads(refused.body)["status"] == 503, refused.body
+        assert users[2].ok("Mailbox/get", {"accountId": users[2].account_id})["list"]
+        first.close()
+        again = reopen_until_accepted(lambda: streams(users[2]))
+        assert again.status == 200, (again.status, again.body)
+        new_state = make_mailbox(users[1])
+        assert second.next_state().json() == exactly(users[1].account_id, "Mailbox", new_state)
+    finally:
+        srv.stop()
+
+
 def test_push_streams_within_limits_do_not_starve_other_requests(tmp_path, streams):
     data_dir = tmp_path / "data"
     add_user(data_dir, "first@example.com")
