@@ -93,6 +93,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -294,6 +295,7 @@ MAX_QUERY_LIMIT = 5000  # /query results per call; a larger limit is clamped (RF
 MAX_RESULT_REFERENCE_DEPTH = 32
 CHANGES_HORIZON_DAYS_MIN = 30  # RFC 8620 §5.2 via the checklist: states up to 30 days old
 AUTH_CACHE_SECONDS = 120
+ARGON2_PARALLEL_CHECKS = 2  # password checks at once, 64 MiB each
 DRAIN_SECONDS = 30  # how long SIGTERM waits for requests in flight
 COLLATIONS = ("i;unicode-casemap", "i;ascii-casemap", "i;octet")
 
@@ -1925,6 +1927,9 @@ class Authenticator:
         self.cache_key = secrets.token_bytes(32)
         self.cache: dict[bytes, tuple[int, int | None, str, float]] = {}
         self.cache_lock = threading.Lock()
+        # Each check takes 64 MiB: a burst of logins waits its turn instead of taking
+        # the memory of a Pi (HTTP workers and WebSocket handshakes share this).
+        self.verify_slots = threading.BoundedSemaphore(ARGON2_PARALLEL_CHECKS)
 
     @functools.cached_property
     def dummy_hash(self) -> str:
@@ -2017,7 +2022,8 @@ class Authenticator:
 
     def _verify(self, stored_hash: str, password: str) -> bool:
         try:
-            return self.hasher.verify(stored_hash, password)
+            with self.verify_slots:
+                return self.hasher.verify(stored_hash, password)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
             return False
 
@@ -3609,7 +3615,7 @@ def push_parse_event_id(raw: str) -> dict:
     seen = {}
     for item in (raw or "").split(","):
         account_id, _, modseq = item.partition(":")
-        if is_valid_id(account_id) and modseq.isdigit():
+        if is_valid_id(account_id) and re.fullmatch(r"[0-9]{1,18}", modseq):
             seen[account_id] = int(modseq)
     return seen
 
@@ -3723,6 +3729,7 @@ MAX_PUSH_SUBSCRIPTIONS = 10  # per user (RFC 8620 §8.6)
 MAX_PUSH_CREATES_PER_HOUR = 20
 PUSH_MAX_EXPIRY_S = 7 * 86400  # RFC 8620 §7.2: at least 48 hours, SHOULD be 7 days
 PUSH_TIMEOUT_S = 5
+PUSH_DEADLINE_S = 15  # a whole POST, however slowly the receiver answers
 PUSH_TTL_S = 86400
 PUSH_RETRY_MAX_S = 3600
 PUSH_GIVE_UP_S = 2 * 86400
@@ -3905,6 +3912,8 @@ class PushSender:
     def run(self) -> None:
         while not self.app.bus.stopping.is_set():
             self.app.push_wake.clear()  # before the round: a wake-up during it is kept
+            for watch in self.watches.values():  # wake on what moves after this point
+                watch.versions = {pk: self.app.bus.snapshot(pk)[0] for pk in watch.versions}
             try:
                 self.round()
             except peewee.OperationalError as exc:
@@ -3929,8 +3938,9 @@ class PushSender:
         rows = list(PushSubscription.select().where(
             (PushSubscription.destroyed == False)  # noqa: E712
             & (PushSubscription.next_attempt_at <= now)))
-        self.watches = {pk: w for pk, w in self.watches.items() if pk in {r.pk for r in rows}
-                        or PushSubscription.get_or_none(PushSubscription.pk == pk) is not None}
+        live = {pk for (pk,) in PushSubscription.select(PushSubscription.pk).where(
+            PushSubscription.destroyed == False).tuples()}  # noqa: E712
+        self.watches = {pk: w for pk, w in self.watches.items() if pk in live}
         for row in rows:
             if not row.verification_sent:
                 body = {"@type": "PushVerification", "pushSubscriptionId": id_for("P", row.pk),
@@ -4005,10 +4015,15 @@ def push_post(url: str, payload: bytes, headers: dict, allow_local: bool) -> tup
             connection = http.client.HTTPConnection(host, port, timeout=PUSH_TIMEOUT_S)
         connection.sock = sock
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection.request("POST", path, body=payload, headers=headers)
-        response = connection.getresponse()
-        response.read(65536)
-        connection.close()
+        deadline = threading.Timer(PUSH_DEADLINE_S, lambda: sock.shutdown(socket.SHUT_RDWR))
+        deadline.start()  # a receiver answering a byte at a time cannot hold the sender
+        try:
+            connection.request("POST", path, body=payload, headers=headers)
+            response = connection.getresponse()
+            response.read(65536)
+        finally:
+            deadline.cancel()
+            connection.close()
         retry = response.getheader("Retry-After") or ""
         return response.status, int(retry) if retry.isdigit() else 0
     except (OSError, ValueError, http.client.HTTPException) as exc:
@@ -4193,7 +4208,8 @@ def webpush_encrypt(plaintext: bytes, ua_public: bytes, auth_secret: bytes,
     prk = _hmac256(salt, ikm)
     cek = _hmac256(prk, b"Content-Encoding: aes128gcm\x00\x01")[:16]
     nonce = _hmac256(prk, b"Content-Encoding: nonce\x00\x01")[:12]
-    header = salt + (4096).to_bytes(4, "big") + bytes([len(as_public)]) + as_public
+    record = max(4096, len(plaintext) + 1 + 16)  # one record holds it all (RFC 8188 §2)
+    header = salt + record.to_bytes(4, "big") + bytes([len(as_public)]) + as_public
     return header + aes128_gcm_encrypt(cek, nonce, plaintext + b"\x02")  # one last record
 
 
@@ -6489,6 +6505,7 @@ class EmailDraft:
         self.bad: list[str] = []  # invalid top-level properties
         self.why: list[str] = []  # where exactly, for the description
         self.not_found: list[str] = []  # blob ids (blobNotFound)
+        self.bad_values: set = set()  # bodyValues already refused
         self.parts = 0
         self.blob_octets = 0
 
@@ -6505,12 +6522,14 @@ def mime_write_message(ctx: Call, obj: dict) -> bytes:
     draft = EmailDraft(ctx, body_values if isinstance(body_values, dict) else {})
     if not isinstance(body_values, dict):
         draft.fail("bodyValues", "an object")
-    for part_id, value in draft.body_values.items():
+    for part_id, value in list(draft.body_values.items()):
         if not (isinstance(value, dict) and isinstance(value.get("value"), str)
                 and set(value) <= {"value", "isEncodingProblem", "isTruncated"}
                 and value.get("isEncodingProblem", False) is False
                 and value.get("isTruncated", False) is False):
             draft.fail("bodyValues", f"{part_id!r}: {{value}} with no problem or truncation")
+            del draft.body_values[part_id]  # never read as text below
+            draft.bad_values.add(part_id)
     for name in obj:
         if name not in EMAIL_CREATE_PROPS and not name.startswith("header:"):
             draft.fail(name, "not settable on create")
@@ -6522,10 +6541,10 @@ def mime_write_message(ctx: Call, obj: dict) -> bytes:
         raise SetError("blobNotFound", "blobs not found", notFound=draft.not_found)
     if draft.blob_octets > ctx.app.cfg.max_size_upload:
         raise SetError("tooLarge", "the attachments exceed maxSizeAttachmentsPerEmail")
-    if "date" not in top_names:
+    if not top_names.get("date"):
         moment = datetime.fromtimestamp(ctx.now, timezone.utc)
         top_fields.append(("Date", " " + moment.strftime("%a, %d %b %Y %H:%M:%S +0000")))
-    if "message-id" not in top_names:  # RFC 8621 §4.6: the server MUST set one
+    if not top_names.get("message-id"):  # RFC 8621 §4.6: the server MUST set one
         domain = ctx.account.username.rpartition("@")[2] or "jmapd.invalid"
         top_fields.append(("Message-ID", f" <{secrets.token_hex(16)}@{domain}>"))
     top_fields.append(("MIME-Version", " 1.0"))
@@ -6555,8 +6574,8 @@ def mime_write_fields(draft: EmailDraft, obj: dict, where: str, top: bool) -> tu
         if key in names:
             draft.fail(where + prop, f"{name} is given twice")
             continue
-        if top and key.startswith("content-") or key == "content-transfer-encoding" or (
-                not top and key == "content-type"):
+        if top and (key.startswith("content-") or key == "mime-version") or \
+                key == "content-transfer-encoding" or (not top and key == "content-type"):
             draft.fail(where + prop, f"{name} is not allowed here")
             continue
         written = mime_write_field_values(draft, where + prop, name, form, value, every)
@@ -6780,6 +6799,8 @@ def _write_leaf(draft: EmailDraft, obj: dict, where: str, out: MimeOut) -> None:
         if "charset" in obj:
             draft.fail(f"{where}/charset", "omitted with a partId")
         value = draft.body_values.get(part_id) if isinstance(part_id, str) else None
+        if part_id in draft.bad_values:
+            return  # its bodyValues entry is the property at fault
         if value is None:
             draft.fail(f"{where}/partId", "not in bodyValues")
             return
@@ -6870,7 +6891,8 @@ def mime_encode_text(text: str) -> tuple[bytes, str]:
     high = sum(1 for byte in data if byte > 0x7e)
     if high * 3 > len(data):  # mostly non-ASCII (e.g. CJK): base64 is shorter
         return mime_base64(data), "base64"
-    return binascii.b2a_qp(data, istext=True), "quoted-printable"
+    # b2a_qp breaks soft lines with a bare LF unless the text had a CRLF first
+    return re.sub(rb"\r?\n", b"\r\n", binascii.b2a_qp(data, istext=True)), "quoted-printable"
 
 
 def mime_encode_blob(ctype: str, data: bytes) -> tuple[bytes, str]:
@@ -7008,6 +7030,10 @@ class GroupCommit:
                 self.cond.release()
                 try:
                     self._commit(batch)
+                except BaseException as exc:  # nothing unacknowledged is reported stored
+                    for slot in batch:
+                        slot["error"] = slot["error"] or exc
+                    raise
                 finally:
                     self.cond.acquire()
                     self.committing = False
@@ -7072,6 +7098,11 @@ def vacation_consider(data_dir: str, account_pk: int, raw: bytes, now: float) ->
         return
     root = mime_email(raw)
     sender = vacation_sender(root)
+    try:
+        if sender is not None:
+            mime_write_address({"name": None, "email": sender})  # one we can write back to
+    except ValueError:
+        sender = None
     why = vacation_refusal(root, sender, account_addresses(account_pk))
     if why:
         log.getChild("vacation").info("no vacation reply: %s", why)
@@ -7085,7 +7116,11 @@ def vacation_consider(data_dir: str, account_pk: int, raw: bytes, now: float) ->
     identity = Identity.select().where((Identity.account_pk == account_pk)
                                        & (Identity.destroyed == False)  # noqa: E712
                                        ).order_by(Identity.may_delete, Identity.pk).first()
-    reply = vacation_reply(vacation, root, identity, sender, now)
+    try:
+        reply = vacation_reply(vacation, root, identity, sender, now)
+    except (ValueError, TypeError, LookupError) as exc:  # a reply never costs the mail
+        log.getChild("vacation").warning("no vacation reply to %s: %s", sender, exc)
+        return
     sha, size = blob_store_bytes(data_dir, reply)
     blob_add_ref(account_pk, sha, size, "outbox", now)
     Outbox.create(account_pk=account_pk, sha256=sha, mail_from="",  # RFC 5230 §5.1: <>
@@ -7836,7 +7871,13 @@ class OutboxWorker:
                 log.exception("outbox %d: sending failed", job.pk)
                 replies = {a: (451, "4.3.0 internal error; see the server log")
                            for a, _ in json.loads(job.rcpts)}
-            outbox_record(self.app, job, replies)
+            while not self.app.bus.stopping.is_set():  # the replies must be recorded
+                try:
+                    outbox_record(self.app, job, replies)
+                    break
+                except peewee.OperationalError as exc:
+                    log.warning("outbox %d: cannot record yet (%s)", job.pk, exc)
+                    self.app.bus.stopping.wait(1)
 
     def stop(self, timeout_s: float) -> None:
         if self.thread.is_alive():
@@ -7992,8 +8033,16 @@ def smtp_send(cfg, job: Outbox, data: bytes) -> dict:
             client = smtplib.SMTP_SSL(host, port, timeout=SMTP_TIMEOUT_S, context=context)
         else:
             client = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT_S)
-        with client:
-            return _smtp_transaction(cfg, client, context, job, rcpts, data)
+        try:
+            replies = _smtp_transaction(cfg, client, context, job, rcpts, data)
+        finally:
+            try:  # the replies so far stand, whatever QUIT answers
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                client.close()
+        return replies
+    except smtplib.SMTPAuthenticationError as exc:  # our own configuration: retry later
+        reply = (454, f"4.7.0 the relay refused our login: {smtp_reply_text(exc.smtp_code, exc.smtp_error)}")
     except smtplib.SMTPResponseException as exc:
         reply = (exc.smtp_code, exc.smtp_error)
     except UnicodeError as exc:  # an address the relay's dialect cannot carry
@@ -8085,7 +8134,9 @@ WS_PATH = "/jmap/ws/"
 WS_MAX_HEAD = 16384
 WS_HANDSHAKE_TIMEOUT_S = 10
 WS_PING_S = 30  # an idle connection is pinged so proxies and NAT keep it open
-WS_CLOSE_CODES = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
+WS_CLOSE_CODES = (set(range(1000, 1015)) - {1004, 1005, 1006}) | set(range(3000, 5000))  # §7.4
+WS_MAX_FRAGMENTS = 1024  # frames in one message: empty fragments cost memory too
+WS_SEND_TIMEOUT_S = 30  # a client that stops reading is dropped, never waited on forever
 
 
 class WebSocketClosed(Exception):
@@ -8101,6 +8152,10 @@ class WebSocket:
 
     def __init__(self, sock: socket.socket, max_message: int):
         self.sock, self.max_message = sock, max_message
+        # Reads may wait forever (pings keep it honest); a send that cannot proceed for
+        # WS_SEND_TIMEOUT_S fails (SO_SNDTIMEO), so no thread waits on a stalled client.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", WS_SEND_TIMEOUT_S, 0))
         self.reader = sock.makefile("rb")
         self.send_lock = threading.Lock()
         self.close_sent = False
@@ -8113,10 +8168,13 @@ class WebSocket:
         self._send(0x9, b"")
 
     def close(self, code: int, reason: str = "") -> None:
-        """Send a close frame (once) and stop writing; the reader sees the end."""
+        """Send a close frame (once) and stop writing; the reader sees the end. A sender
+        stuck on a stalled client is not waited for: the socket is shut down anyway."""
         try:
-            self._send(0x8, code.to_bytes(2, "big") + reason.encode("utf-8")[:120])
-        except OSError:
+            if self.send_lock.acquire(timeout=1):
+                self.send_lock.release()
+                self._send(0x8, code.to_bytes(2, "big") + reason.encode("utf-8")[:120])
+        except (OSError, WebSocketClosed):
             pass
         finally:
             try:
@@ -8152,7 +8210,7 @@ class WebSocket:
                           else "a new message before the last one ended")
             first = first if opcode == 0 else opcode
             total += len(payload)
-            if total > self.max_message:
+            if total > self.max_message or len(fragments) >= WS_MAX_FRAGMENTS:
                 self.fail(1009, f"message larger than {self.max_message} octets")
             fragments.append(payload)
             if fin:
@@ -8219,9 +8277,13 @@ class WebSocket:
 def ws_handshake(app, sock: socket.socket, peer: str):
     """Read the upgrade request (RFC 6455 §4.2) and authenticate it; return
     (user, reply headers) or send an HTTP error and return None."""
-    sock.settimeout(WS_HANDSHAKE_TIMEOUT_S)
+    deadline = time.monotonic() + WS_HANDSHAKE_TIMEOUT_S  # for the whole request head
     head = b""
     while b"\r\n\r\n" not in head:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return ws_refuse(sock, 400, "the handshake took too long")
+        sock.settimeout(remaining)
         chunk = sock.recv(4096)
         if not chunk or len(head) + len(chunk) > WS_MAX_HEAD:
             return ws_refuse(sock, 400, "bad request") if chunk else None
@@ -8369,17 +8431,18 @@ class JmapWebSocket:
 
     def answer(self, request_id, body: dict) -> None:
         started = time.monotonic()
-        try:
+        try:  # the request counts against the limits until its answer is sent
             with self.app.slot(self.user, "maxConcurrentRequests",
                                self.app.cfg.max_concurrent_requests):
                 response = engine_run(self.app, self.user, json_dumps(body).encode())
+                reply = {"@type": "Response",
+                         **({"requestId": request_id} if request_id is not None else {}),
+                         **response}
+                self.send(reply)
         except RequestError as exc:
             return self.send_error(request_id, exc)
         finally:
             self.running.release()
-        reply = {"@type": "Response",
-                 **({"requestId": request_id} if request_id is not None else {}), **response}
-        self.send(reply)
         log.info("ws %s [%s] %.1f ms", self.user.username,
                  ",".join(r[0] for r in response["methodResponses"]),
                  (time.monotonic() - started) * 1000)
@@ -8435,31 +8498,35 @@ def ws_start(app, sockets: list) -> list:
 
 
 def ws_connection(app, sock: socket.socket, peer: str) -> None:
-    """Handshake, limits, then the session until either side closes."""
+    """Handshake, limits, then the session until either side closes.
+
+    A connection counts against --max-websockets from the moment it is accepted, so
+    unauthenticated ones cannot pile up threads (or argon2 checks) either."""
+    with app.inflight_lock:
+        full = app.websockets >= app.cfg.max_websockets
+        if not full:
+            app.websockets += 1
+    if full:
+        return ws_refuse(sock, 503, f"more than {app.cfg.max_websockets} WebSockets")
     try:
         found = ws_handshake(app, sock, peer)
         if found is None:
             return
         user, address, reply = found
-        with app.inflight_lock:
-            if app.websockets >= app.cfg.max_websockets:
-                return ws_refuse(sock, 503, f"more than {app.cfg.max_websockets} WebSockets")
-            app.websockets += 1
-        try:
-            with app.slot(user, "webSocket", app.cfg.max_push_connections):
-                sock.settimeout(None)
-                sock.sendall(reply.encode())
-                log.info("ws %s connected from %s", user.username, address)
-                JmapWebSocket(app, WebSocket(sock, app.cfg.max_size_request), user).run()
-        except RequestError as exc:
-            ws_refuse(sock, 400, exc.detail, kind=PROBLEM_PREFIX + exc.kind, limit=exc.limit)
-        finally:
-            with app.inflight_lock:
-                app.websockets -= 1
+        with app.slot(user, "webSocket", app.cfg.max_push_connections):
+            sock.settimeout(None)
+            sock.sendall(reply.encode())
+            log.info("ws %s connected from %s", user.username, address)
+            JmapWebSocket(app, WebSocket(sock, app.cfg.max_size_request), user).run()
+    except RequestError as exc:
+        ws_refuse(sock, 400, exc.detail, kind=PROBLEM_PREFIX + exc.kind, limit=exc.limit)
     except WebSocketClosed as exc:
         log.info("ws closed: %s", exc)
     except (OSError, ValueError) as exc:
         log.info("ws connection from %s ended: %s", peer, exc)
+    finally:
+        with app.inflight_lock:
+            app.websockets -= 1
 
 
 # =============================================================================
@@ -8517,12 +8584,16 @@ class App:
     def slot(self, user: Account, kind: str, limit: int) -> InflightSlot:
         return InflightSlot(self, user, kind, limit)
 
-    def push_streams_changed(self, delta: int) -> None:
-        """Keep cfg.threads workers free for ordinary requests while push streams are open."""
+    def push_streams_changed(self, delta: int) -> bool:
+        """Keep cfg.threads workers free for ordinary requests while push streams are open;
+        False (and nothing changed) when one more would pass --max-event-streams."""
         with self.inflight_lock:
+            if delta > 0 and self.push_streams + delta > self.cfg.max_event_streams:
+                return False
             self.push_streams += delta
             if self.workers is not None:
                 self.workers.set_thread_count(self.cfg.threads + self.push_streams)
+        return True
 
     def accessible_accounts(self, user: Account) -> dict:
         """Map account id -> (Account, read_only): the user's own and those shared with them."""
@@ -8746,19 +8817,19 @@ def http_eventsource(app: App):
     types = None if raw_types == "*" else {t for t in raw_types.split(",") if t}
     closeafter = query.getunicode("closeafter") or "no"
     ping = query.getunicode("ping") or "0"
-    if closeafter not in ("state", "no") or not ping.isdigit():
+    if closeafter not in ("state", "no") or not re.fullmatch(r"[0-9]{1,9}", ping):
         raise http_problem(400, "about:blank", "closeafter is state or no; ping is seconds")
     ping_s = min(max(int(ping), PING_MIN_S), PING_MAX_S) if int(ping) else 0
-    if app.push_streams >= app.cfg.max_event_streams:  # every stream holds a thread
+    slot = _Slot(app, user, "eventSource", app.cfg.max_push_connections)
+    slot.__enter__()  # a 400 limit problem when the user has too many streams open
+    if not app.push_streams_changed(+1):  # the stream holds a worker: one more is added
+        slot.__exit__(None, None, None)
         problem = http_problem(503, "about:blank", f"more than {app.cfg.max_event_streams} "
                                "EventSource streams are open; try again later")
         problem.set_header("Retry-After", "30")
         raise problem
-    slot = _Slot(app, user, "eventSource", app.cfg.max_push_connections)
-    slot.__enter__()  # a 400 limit problem when the user has too many streams open
     environ = bottle.request.environ
     gone = environ.get("waitress.client_disconnected") or (lambda: False)
-    app.push_streams_changed(+1)  # the stream holds a worker: add one so others are served
 
     def stream():
         try:

@@ -1171,6 +1171,36 @@ def test_too_many_mailboxes_and_keywords_on_import(crowded):
     assert set(resp["created"]) == {"fine"}
 
 
+def test_quoted_printable_single_long_line_has_crlf_soft_breaks(writer):
+    """A long line without any line end, mostly ASCII with some non-ASCII, is written
+    quoted-printable; its soft breaks are CRLF too (RFC 5322 §2.3, RFC 2045 §6.7)."""
+    text = "Je suis absent, contactez mon collègue au bureau s'il vous plaît. " * 3
+    created, raw = create_raw(writer, text_email(text.strip()))
+    assert b"quoted-printable" in raw
+    parse(raw)  # check_octets: no bare LF anywhere
+    got = get_one(writer.client, created["id"], properties=["bodyValues"],
+                  fetchTextBodyValues=True)
+    assert [v["value"] for v in got["bodyValues"].values()] == [text.strip()]
+
+
+@pytest.mark.parametrize("prop", ["sentAt", "messageId"])
+def test_null_date_or_message_id_is_still_set_by_the_server(writer, prop):
+    """RFC 8621 §4.6: without a Date or Message-ID the server MUST set one; null is none."""
+    created, raw = create_raw(writer, text_email(**{prop: None}))
+    msg = parse(raw)
+    assert msg["Date"] and msg["Message-ID"], raw[:400]
+    got = get_one(writer.client, created["id"], properties=["sentAt", "messageId"])
+    assert got["sentAt"] and got["messageId"], got
+
+
+def test_mime_version_is_the_servers_to_write(writer):
+    resp = email_set(writer.client, create={"k": {"mailboxIds": {writer.drafts: True},
+                                                  "header:MIME-Version": " 1.0",
+                                                  **text_email()}})
+    assert no_descriptions(resp["notCreated"]["k"]) == {
+        "type": "invalidProperties", "properties": ["header:MIME-Version"]}
+
+
 def test_import_of_a_blob_that_is_no_message_is_invalid_email(writer):
     """RFC 8621 §4.8: a blob that is not a message may be refused with invalidEmail; one
     that begins with a header field (however sloppy the rest) is imported."""

@@ -549,6 +549,21 @@ def test_push_closeafter_no_stays_open_after_a_state(alice, streams):
 # =============================================================================
 
 
+@pytest.mark.parametrize("ping", ["abc", "²", "1" * 40])
+def test_push_bad_ping_is_400_not_a_crash(alice, streams, ping):
+    """Digits in other scripts and absurd lengths are no interval: a clear 400."""
+    stream = streams(alice, ping=ping)
+    assert stream.status == 400, (stream.status, stream.body)
+
+
+def test_push_unreadable_last_event_id_means_everything_is_new(alice, streams):
+    """A Last-Event-ID we did not make (odd digits included) names no state the client
+    has: the stream opens (no 500) and at once reports every state of the account."""
+    stream = connected(streams(alice, last_event_id=f"{alice.account_id}:²,junk"))
+    first = stream.next_state().json()["changed"][alice.account_id]
+    assert first["Mailbox"] == state_of(alice, "Mailbox"), first
+
+
 def test_push_ping_0_sends_no_pings(alice, streams):
     stream = connected(streams(alice, ping=0))
     with pytest.raises(NoEvent):

@@ -302,6 +302,18 @@ def text_of(part):
 # =============================================================================
 
 
+def test_sender_that_cannot_be_answered_still_gets_its_mail_delivered(srv, sink):
+    """A Return-Path no reply can be written to (a quoted local part with a comma) gets no
+    vacation reply, and never costs the mail itself: the delivery is answered 250."""
+    user = User(srv, "odd")
+    user.vacation(isEnabled=True, textBody="Away.")
+    odd = f'"a,b"@{domain()}'
+    codes, replies = lmtp(srv, odd, [user.address], message(
+        f"Odd <{odd}>", user.address, subject="Odd sender", msgid=f"odd@{domain()}"))
+    assert codes == [250] and [code for code, _ in replies] == [250], (codes, replies)
+    assert user.query({"subject": "Odd sender"})["ids"], "the message was not stored"
+
+
 def test_vacation_reply_once_per_sender(srv, sink):
     """RFC 8621 §8 + RFC 5230 §5 + RFC 3834 §3: the reply goes from <> to the envelope
     sender; From the default Identity with its name, To the sender, Subject "Auto: ...",

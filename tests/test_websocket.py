@@ -1062,6 +1062,23 @@ def test_ws_fragments_over_size_limit_close_1009(ws_server, alice):
     assert_serves(ws_server, alice)
 
 
+def test_ws_flood_of_empty_fragments_closes_1009(ws_server, alice):
+    """Empty continuation frames carry no payload but cost memory each: a message may not
+    be cut into more than a bounded number of fragments (RFC 6455 §10.4)."""
+    sock = raw_open(ws_server, alice)
+    sock.sendall(frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * 5000)
+    expect_close(sock, 1009)
+    assert_serves(ws_server, alice)
+
+
+def test_ws_close_codes_1012_to_1014_are_valid(ws_server, alice):
+    """RFC 6455 §7.4: 1012-1014 are registered codes a peer may send; echoed, not 1002."""
+    for code in (1012, 1013, 1014):
+        sock = raw_open(ws_server, alice)
+        sock.sendall(close_frame(code))
+        expect_close(sock, code)
+
+
 def test_ws_client_message_over_size_limit_gets_1009(ws_server, alice, sockets):
     """What a real client sees when its whole over-limit message is on the wire."""
     ws = sockets(alice)
