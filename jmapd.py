@@ -3930,11 +3930,11 @@ class PushSender:
 
     def round(self) -> None:
         now = self.app.clock.now()
-        with db.atomic("IMMEDIATE"):
-            expired = PushSubscription.select(PushSubscription.pk).where(
-                (PushSubscription.destroyed == False)  # noqa: E712
-                & (PushSubscription.expires < now))
-            push_drop(PushSubscription.pk.in_(expired))  # RFC 8620 §7.2: none after expires
+        expired = [pk for (pk,) in PushSubscription.select(PushSubscription.pk).where(
+            (PushSubscription.destroyed == False)  # noqa: E712
+            & (PushSubscription.expires < now)).tuples()]
+        if expired:  # RFC 8620 §7.2: no requests after expires
+            push_drop(PushSubscription.pk.in_(expired))
         rows = list(PushSubscription.select().where(
             (PushSubscription.destroyed == False)  # noqa: E712
             & (PushSubscription.next_attempt_at <= now)))
@@ -6542,11 +6542,9 @@ def mime_write_message(ctx: Call, obj: dict) -> bytes:
     if draft.blob_octets > ctx.app.cfg.max_size_upload:
         raise SetError("tooLarge", "the attachments exceed maxSizeAttachmentsPerEmail")
     if not top_names.get("date"):
-        moment = datetime.fromtimestamp(ctx.now, timezone.utc)
-        top_fields.append(("Date", " " + moment.strftime("%a, %d %b %Y %H:%M:%S +0000")))
+        top_fields.append(("Date", " " + mime_date_field(ctx.now)))
     if not top_names.get("message-id"):  # RFC 8621 §4.6: the server MUST set one
-        domain = ctx.account.username.rpartition("@")[2] or "jmapd.invalid"
-        top_fields.append(("Message-ID", f" <{secrets.token_hex(16)}@{domain}>"))
+        top_fields.append(("Message-ID", " " + mime_new_message_id(ctx.account.username)))
     top_fields.append(("MIME-Version", " 1.0"))
     return mime_render(root, top_fields)
 
@@ -6699,6 +6697,28 @@ def mime_write_date(value) -> str:
         f"{abs(offset) % 60:02d}"
 
 
+def mime_date_field(ts: float) -> str:
+    """An RFC 5322 date-time in UTC for a Date field we write."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+
+
+def mime_new_message_id(address: str) -> str:
+    """A fresh msg-id (RFC 5322 §3.6.4) in the domain of an address of ours."""
+    return f"<{secrets.token_hex(16)}@{address.rpartition('@')[2] or 'jmapd.invalid'}>"
+
+
+def mime_crlf(data: bytes) -> bytes:
+    """Every line end CRLF (RFC 5322 §2.3, RFC 5321 §2.3.8)."""
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+def mime_text_part(ctype: str, text: str) -> MimeOut:
+    """A UTF-8 text part with the smallest transfer encoding that fits."""
+    part = MimeOut(ctype, [("charset", "utf-8")])
+    part.body, part.cte = mime_encode_text(text)
+    return part
+
+
 # ---- bodies ----
 
 
@@ -6724,8 +6744,7 @@ def mime_write_body(draft: EmailDraft, obj: dict, top_names: dict) -> MimeOut:
     if html and inline:  # inline images travel with the HTML (RFC 2387)
         html = MimeOut("multipart/related", children=[html, *inline])
     body = MimeOut("multipart/alternative", children=[text, html]) if text and html else (
-        text or html or (None if mixed else MimeOut("text/plain", [("charset", "utf-8")],
-                                                    cte="7bit")))
+        text or html or (None if mixed else mime_text_part("text/plain", "")))
     if mixed:
         return MimeOut("multipart/mixed", children=([body] if body else []) + mixed)
     return body
@@ -6885,20 +6904,20 @@ def _rejoin_escapes(encoded: str) -> list:
 
 def mime_encode_text(text: str) -> tuple[bytes, str]:
     """A text body value as CRLF lines: 7bit if it can be, else quoted-printable or base64."""
-    data = re.sub(r"\r\n|\r|\n", "\r\n", text).encode("utf-8")
+    data = mime_crlf(text.encode("utf-8"))
     if mime_is_7bit(data) and not re.search(rb"[^\r\n]{79}", data):  # RFC 5322 §2.1.1: 78
         return data, "7bit"
     high = sum(1 for byte in data if byte > 0x7e)
     if high * 3 > len(data):  # mostly non-ASCII (e.g. CJK): base64 is shorter
         return mime_base64(data), "base64"
     # b2a_qp breaks soft lines with a bare LF unless the text had a CRLF first
-    return re.sub(rb"\r?\n", b"\r\n", binascii.b2a_qp(data, istext=True)), "quoted-printable"
+    return mime_crlf(binascii.b2a_qp(data, istext=True)), "quoted-printable"
 
 
 def mime_encode_blob(ctype: str, data: bytes) -> tuple[bytes, str]:
     """Blob content: 7bit when it is clean; messages stay readable (RFC 2046 §5.2.1)."""
     if ctype.startswith("message/"):  # never base64 (RFC 2046 §5.2.1): CRLF lines instead
-        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+        data = mime_crlf(data)
         if mime_is_7bit(data):
             return data, "7bit"
         return data, "8bit" if b"\0" not in data and not re.search(
@@ -6993,13 +7012,22 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     received = received or [None] * len(raws)
     changes = ChangeLog(account_pk, now)
     with db.atomic("IMMEDIATE"):
-        rows = [email_store(changes, account_pk, sha, raw, mailbox_pks, flags, at, now)
+        rows = [deliver_stored(changes, data_dir, sha, raw, mailbox_pks, flags, at, now, incoming)
                 for (sha, _), raw, flags, at in zip(stored, raws, per_message, received)]
-        for (sha, _), raw in zip(stored, raws) if incoming else ():
-            vacation_consider(data_dir, account_pk, raw, now)
-            submission_apply_report(changes, account_pk, raw, sha)
         changes.flush()
     return rows
+
+
+def deliver_stored(changes: ChangeLog, data_dir: str, sha: str, raw: bytes, mailbox_pks: list,
+                   keywords: dict, received_at, now: float, incoming: bool) -> Email:
+    """One durable blob becomes an Email in the caller's transaction; new mail from an
+    MTA (`incoming`) may also get the vacation reply or be a report on mail we sent."""
+    row = email_store(changes, changes.account_pk, sha, raw, mailbox_pks, keywords,
+                      received_at, now)
+    if incoming:
+        vacation_consider(data_dir, changes.account_pk, raw, now)
+        submission_apply_report(changes, changes.account_pk, raw, sha)
+    return row
 
 
 # ---- group commit: concurrent deliveries share one commit ----
@@ -7058,9 +7086,8 @@ class GroupCommit:
                     log_ = changes.setdefault(account_pk, ChangeLog(account_pk, now))
                     try:
                         with db.atomic():
-                            email_store(log_, account_pk, sha, raw, [mailbox_pk], {}, None, now)
-                            vacation_consider(self.data_dir, account_pk, raw, now)
-                            submission_apply_report(log_, account_pk, raw, sha)
+                            deliver_stored(log_, self.data_dir, sha, raw, [mailbox_pk], {},
+                                           None, now, incoming=True)
                     except peewee.OperationalError:
                         raise  # busy or broken database: nothing of the group commits
                     except Exception as exc:  # noqa: BLE001 -- this message fails alone
@@ -7182,20 +7209,15 @@ def vacation_reply(vacation: VacationResponse, root: MimePart, identity: Identit
     text, html = vacation.text_body, vacation.html_body
     if text is None:
         text = mime_html_to_text(html) if html is not None else VACATION_DEFAULT_TEXT
-    body = MimeOut("text/plain", [("charset", "utf-8")])
-    body.body, body.cte = mime_encode_text(text)
+    body = mime_text_part("text/plain", text)
     if html is not None:
-        html_part = MimeOut("text/html", [("charset", "utf-8")])
-        html_part.body, html_part.cte = mime_encode_text(html)
-        body = MimeOut("multipart/alternative", children=[body, html_part])
+        body = MimeOut("multipart/alternative", children=[body, mime_text_part("text/html", html)])
     own = {"name": identity.name or None, "email": identity.email}
-    moment = datetime.fromtimestamp(now, timezone.utc)
-    domain = identity.email.rpartition("@")[2] or "jmapd.invalid"
     fields = [("From", mime_write_value("Addresses", [own])),
               ("To", mime_write_value("Addresses", [{"name": None, "email": sender}])),
               ("Subject", mime_write_value("Text", subject)),
-              ("Date", " " + moment.strftime("%a, %d %b %Y %H:%M:%S +0000")),
-              ("Message-ID", f" <{secrets.token_hex(16)}@{domain}>"),
+              ("Date", " " + mime_date_field(now)),
+              ("Message-ID", " " + mime_new_message_id(identity.email)),
               ("Auto-Submitted", " auto-replied")]
     message_ids = mime_header_property(root.headers, "header:Message-ID:asMessageIds") or []
     if message_ids:
@@ -7484,9 +7506,8 @@ class LmtpSession:
         return self.trace_headers() + b"".join(lines), problem
 
     def trace_headers(self) -> bytes:
-        stamp = datetime.now(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
         return (f"Return-Path: <{self.sender}>\r\nReceived: from {self.peer} by {self.host} "
-                f"(jmapd) with LMTP; {stamp}\r\n").encode()
+                f"(jmapd) with LMTP; {mime_date_field(time.time())}\r\n").encode()
 
     def deliver_all(self, raw: bytes) -> list[str]:
         """Deliver to every recipient in one group commit; a reply for each."""
@@ -7722,7 +7743,7 @@ def submission_prepare(ctx: Call, values: dict) -> None:
                                 "displayed": "unknown"} for address, _ in rcpts})
     message_id = (mime_header_property(root.headers, "header:Message-ID:asMessageIds")
                   or [None])[0]
-    outgoing = re.sub(rb"\r\n|\r|\n", b"\r\n", mime_strip_fields(raw, {"bcc"}))  # RFC 5321 §2.3.8
+    outgoing = mime_crlf(mime_strip_fields(raw, {"bcc"}))  # RFC 5321 §2.3.8
     ctx.__dict__["_outgoing"] = (outgoing, mail_from, mail_params, rcpts, message_id)
 
 
@@ -8381,6 +8402,7 @@ class JmapWebSocket:
         self.app, self.ws, self.user = app, ws, user
         self.watch: PushWatch | None = None
         self.push_lock = threading.Lock()
+        self.push_enabled = threading.Event()  # wakes the push loop on WebSocketPushEnable
         self.running = threading.BoundedSemaphore(app.cfg.max_concurrent_requests)
 
     def run(self) -> None:
@@ -8421,9 +8443,11 @@ class JmapWebSocket:
             with self.push_lock:
                 self.watch = PushWatch(self.app, self.user, None if types is None else set(types),
                                        seen)
+            self.push_enabled.set()
         elif kind == "WebSocketPushDisable":
             with self.push_lock:
                 self.watch = None
+            self.push_enabled.clear()
         else:
             self.send_error(request_id if isinstance(request_id, str) else None, RequestError(
                 "notRequest", "@type must be Request, WebSocketPushEnable or "
@@ -8458,11 +8482,13 @@ class JmapWebSocket:
 
     def push_loop(self) -> None:
         """StateChange with pushState whenever a watched state moves (RFC 8887 §4.3.5)."""
-        last_write = time.monotonic()
+        last_write = checked = time.monotonic()
         while not self.ws.close_sent and not self.app.bus.stopping.is_set():
-            if not auth_still_valid(self.user):
-                self.ws.close(1008, "the credentials are no longer valid")
-                return
+            if time.monotonic() - checked >= 1:  # at most once a second, not every wake
+                checked = time.monotonic()
+                if not auth_still_valid(self.user):
+                    self.ws.close(1008, "the credentials are no longer valid")
+                    return
             with self.push_lock:
                 watch = self.watch
             if watch is not None:
@@ -8473,8 +8499,8 @@ class JmapWebSocket:
                     last_write = time.monotonic()
                     continue
                 watch.wait(1.0)
-            else:
-                self.app.bus.stopping.wait(0.2)
+            else:  # short: SIGTERM must reach an idle connection before the process ends
+                self.push_enabled.wait(0.2)
             if time.monotonic() - last_write > WS_PING_S:
                 try:
                     self.ws.ping()

@@ -37,6 +37,15 @@ def run_cli(*args, data_dir=None, input_text=None, timeout=60):
     )
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def add_user(data_dir, username, password=PASSWORD):
     done = run_cli("user", "add", username, "--password-stdin", data_dir=data_dir,
                    input_text=password + "\n")

@@ -23,7 +23,6 @@ import threading
 import pytest
 
 from conftest import JMAPD, Client, Server, add_user, run_cli
-from test_generic import jmapd_bug
 from test_lmtp import (create_mailbox, download, find_one, mailbox_id, mailboxes,
                        make_message, query_ids, token)
 

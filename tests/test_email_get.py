@@ -13,7 +13,7 @@ The corpus-wide MIME checks are in test_mime.py, whose client helpers are reused
 import pytest
 
 from conftest import Client, add_user
-from test_generic import Var, expect, jmapd_bug, no_descriptions
+from test_generic import Var, expect, no_descriptions
 from test_mime import DATA, download, inbox_id, upload
 
 NO_SUCH_EMAIL = "f123u456"  # the unknown id of the RFC 8621 §4.2.1 example

@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from conftest import Client, Server, add_user, run_cli
-from test_generic import jmapd_bug
 
 MAX_SIZE = 20_000  # --max-size-upload of the module's server: the SIZE limit
 _serial = itertools.count(1)

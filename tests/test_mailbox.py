@@ -16,7 +16,6 @@ from test_generic import (
     by_role,
     create,
     expect,
-    jmapd_bug,
     mailbox,
     mailbox_changes,
     mailbox_get,

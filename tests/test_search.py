@@ -15,7 +15,7 @@ import base64
 
 import pytest
 
-from test_generic import Var, expect, jmapd_bug
+from test_generic import Var, expect
 from test_thread import message, new_account, unique
 
 

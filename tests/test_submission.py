@@ -25,7 +25,6 @@ users and recipient addresses, so they do not see each other's mail.
 
 import itertools
 import re
-import socket
 import ssl
 import subprocess
 import threading
@@ -38,7 +37,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from conftest import CORE, MAIL, Client, Server, add_user, run_cli
+from conftest import add_user, Client, CORE, free_port, MAIL, run_cli, Server
 from test_generic import no_descriptions
 
 SUBMISSION = "urn:ietf:params:jmap:submission"
@@ -53,12 +52,6 @@ _names = itertools.count(1)
 # =============================================================================
 # The smarthost
 # =============================================================================
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sink:

@@ -29,7 +29,6 @@ import itertools
 import re
 import secrets
 import smtplib
-import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -38,7 +37,7 @@ from urllib.parse import quote
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import CORE, MAIL, Client, Server, add_user, run_cli
+from conftest import add_user, Client, CORE, free_port, MAIL, run_cli, Server
 
 SUBMISSION = "urn:ietf:params:jmap:submission"
 VACATION = "urn:ietf:params:jmap:vacationresponse"
@@ -51,12 +50,6 @@ _names = itertools.count(1)
 # =============================================================================
 # The relay (sink)
 # =============================================================================
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sink:
