@@ -1039,6 +1039,7 @@ class Email(JmapRow):
     from_sort = peewee.TextField(default="")
     to_sort = peewee.TextField(default="")
     has_attachment = peewee.BooleanField(default=False)
+    search_version = peewee.IntegerField(default=1)  # SEARCH_VERSION that indexed it
 
 
 class EmailKeyword(BaseModel):
@@ -1480,6 +1481,12 @@ def _migration_9_push_state(database) -> None:
     database.execute_sql("ALTER TABLE push_subscription ADD COLUMN pushed_state TEXT")
 
 
+def _migration_10_search_version(database) -> None:
+    # Mail indexed before: version 1 (an older text extraction; see SEARCH_VERSION).
+    database.execute_sql("ALTER TABLE email ADD COLUMN search_version INTEGER NOT NULL "
+                         "DEFAULT 1")
+
+
 MIGRATIONS = (
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
@@ -1490,6 +1497,7 @@ MIGRATIONS = (
     (7, "submission queue", _migration_7_submission),
     (8, "push subscriptions", _migration_8_push_subscriptions),
     (9, "push subscription state", _migration_9_push_state),
+    (10, "search extraction version", _migration_10_search_version),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -2186,17 +2194,21 @@ class Method:
     handler: Callable
     writes: bool
     takes_account: bool = True
+    prepare: Callable | None = None  # (ctx, args): the analyse phase, outside any transaction
 
 
 METHODS: dict[str, Method] = {}
 
 
-def jmap_method(name: str, capability: str, writes: bool = False, takes_account: bool = True):
-    """Register a method handler under its wire name."""
+def jmap_method(name: str, capability: str, writes: bool = False, takes_account: bool = True,
+                prepare: Callable | None = None):
+    """Register a method handler under its wire name. `prepare` runs before the
+    method's transaction (parsing, blob files, anything slow) and leaves what it found
+    in ctx.scratch for the handler, which then only writes rows."""
 
     def register(handler):
         assert name not in METHODS, name
-        METHODS[name] = Method(name, capability, handler, writes, takes_account)
+        METHODS[name] = Method(name, capability, handler, writes, takes_account, prepare)
         return handler
 
     return register
@@ -2218,6 +2230,7 @@ class Call:
     extra_responses: list = field(default_factory=list)
     sub_calls: list = field(default_factory=list)
     pending: dict = field(default_factory=dict)  # pk -> props a later update/destroy changes
+    scratch: dict = field(default_factory=dict)  # what a method's prepare found, for its handler
 
     @property
     def now(self) -> float:
@@ -2366,6 +2379,8 @@ def engine_call(ctx: Call, name: str, args: dict) -> dict:
     if method.takes_account:
         _use_account(ctx, method, args.get("accountId"))
     try:
+        if method.prepare is not None:
+            method.prepare(ctx, args)
         with db.atomic("IMMEDIATE" if method.writes else None):
             output = method.handler(ctx, args)
             touched = ctx.flush_changes()
@@ -4245,6 +4260,16 @@ _FORM_HEADERS = {"Text": _TEXT_HEADERS, "Addresses": _ADDRESS_HEADERS,
 HEADER_PROP_RE = re.compile(r"^header:([\x21-\x39\x3b-\x7e]+)(?::as([A-Za-z]+))?(:all)?\Z")
 ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _LINE_END_RE = re.compile(rb"\r?\n")
+_BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
+_HEADER_NAME_BAD_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_PARAM_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|[^";]+|;', re.S)
+_PARAM_NAME_RE = re.compile(r"([^*\s]+)(?:\*([0-9]{1,4}))?(\*)?")
+_COMMENT_TOKEN_RE = re.compile(r'[^()"\\]+|.', re.S)
+_CONTROL_CHARS_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # Unicode Cc but TAB
+# Codecs Python knows that are no charset a message may name (RFC 2978): decoding with
+# them fails whatever the errors handler, or turns octets into something else entirely.
+_NOT_CHARSETS = frozenset({"undefined", "idna", "punycode", "unicode_escape",
+                           "raw_unicode_escape"})
 
 
 class MimeError(ValueError):
@@ -4253,16 +4278,24 @@ class MimeError(ValueError):
 
 @dataclass
 class MimePart:
-    """One MIME entity: its exact raw header fields and body octets, and its children."""
+    """One MIME entity: its exact raw header fields, where its body lies in the message's
+    one buffer (offsets: nesting never copies a body), and its children."""
 
     headers: list  # [(name, raw value str)], raw value as in RFC 8621 §4.1.2.1
-    body: bytes
-    params: Any  # email.message.Message holding just the header block (for parameters)
+    raw: bytes  # the whole message, shared by every part of it
+    start: int  # the body is raw[start:end]
+    end: int
     type: str = "text/plain"
     part_id: str | None = None
     sub_parts: list = field(default_factory=list)
     decoded: bytes | None = None
     cte_known: bool = True
+    param_cache: dict = field(default_factory=dict)
+
+    @property
+    def body(self) -> bytes:
+        """The body octets (a copy: only the leaves that are read ask for it)."""
+        return self.raw[self.start:self.end]
 
     def header(self, name: str) -> str | None:
         """The raw value of the last field with this name, or None."""
@@ -4271,33 +4304,54 @@ class MimePart:
                 return value
         return None
 
+    def params(self, header: str = "content-type") -> dict:
+        """{name: (value, came as RFC 2231)} of Content-Type or Content-Disposition."""
+        if header not in self.param_cache:
+            value = self.header(header)
+            self.param_cache[header] = mime_params(value) if value is not None else {}
+        return self.param_cache[header]
+
+    def param(self, name: str, header: str = "content-type") -> str | None:
+        found = self.params(header).get(name)
+        return found[0] if found else None
+
 
 def mime_split(raw: bytes) -> tuple[bytes, bytes]:
     """Split an entity into its header block and its body at the first empty line."""
-    match = re.search(rb"\r?\n\r?\n", raw)
-    if raw.startswith((b"\r\n", b"\n")):
-        return b"", raw[2:] if raw.startswith(b"\r\n") else raw[1:]
+    head_end, body_start = _mime_head_end(raw, 0, len(raw))
+    return raw[:head_end], raw[body_start:]
+
+
+def _mime_head_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
+    """Offsets of the end of raw[start:end]'s header block and of the start of its body."""
+    if raw.startswith(b"\r\n", start, end):
+        return start, start + 2
+    if raw.startswith(b"\n", start, end):
+        return start, start + 1
+    match = _BLANK_LINE_RE.search(raw, start, end)
     if not match:
-        return raw, b""
-    return raw[: match.start()], raw[match.end():]
+        return end, end
+    return match.start(), match.end()
 
 
 def mime_header_fields(block: bytes) -> list:
     """Cut a header block into (name, raw value) fields, keeping folding as it is.
 
     lenient: a line that is neither a field nor a continuation is dropped; NUL octets
-    are dropped (RFC 8621 §4.1.2.1).
+    are dropped (RFC 8621 §4.1.2.1). Continuation lines are joined once, at the end, so
+    a field folded a million times costs what its length costs.
     """
     fields = []
     for line in _LINE_END_RE.split(block.replace(b"\0", b"")):
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1] += b"\r\n" + line
+            fields[-1][1].append(line)
             continue
         name, sep, value = line.partition(b":")
-        if not sep or not name.strip() or re.search(rb"[\x00-\x20\x7f-\xff]", name.strip()):
+        name = name.strip()
+        if not sep or not name or _HEADER_NAME_BAD_RE.search(name):
             continue
-        fields.append([name.strip(), value])
-    return [(n.decode("ascii", "replace"), _raw_text(v)) for n, v in fields]
+        fields.append((name, [value]))
+    return [(n.decode("ascii", "replace"), _raw_text(b"\r\n".join(v))) for n, v in fields]
 
 
 def _raw_text(value: bytes) -> str:
@@ -4306,28 +4360,28 @@ def _raw_text(value: bytes) -> str:
 
 
 def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
-              counter: dict | None = None) -> MimePart:
-    """Parse an entity into MimeParts, numbering leaves 1, 2, … depth-first."""
-    import email  # lazy: the email package is needed only where mail is read
-    import email.policy
+              counter: dict | None = None, start: int = 0, end: int | None = None) -> MimePart:
+    """Parse the entity raw[start:end] into MimeParts, numbering leaves 1, 2, … depth-first.
 
+    Every part keeps offsets into the one buffer, so a message nested twenty levels
+    deep costs its own size once, not once per level."""
     counter = counter if counter is not None else {"parts": 0, "leaves": 0}
-    block, body = mime_split(raw)
-    headers = mime_header_fields(block)
-    params = email.message_from_string(_mime_param_block(headers), policy=email.policy.compat32)
-    part = MimePart(headers, body, params)
+    end = len(raw) if end is None else end
+    head_end, body_start = _mime_head_end(raw, start, end)
+    part = MimePart(mime_header_fields(raw[start:head_end]), raw, body_start, end)
     part.type = _mime_type(part, default_type)
     counter["parts"] += 1
     if counter["parts"] > MAX_MIME_PARTS:
         raise MimeError("too many MIME parts")
-    boundary = params.get_param("boundary") if part.type.startswith("multipart/") else None
-    if part.type.startswith("multipart/") and isinstance(boundary, str) and boundary \
-            and depth < MAX_MIME_DEPTH:
-        child_type = "message/rfc822" if part.type == "multipart/digest" else "text/plain"
-        for chunk in _mime_children(body, boundary.encode("utf-8", "replace")):
-            part.sub_parts.append(mime_tree(chunk, child_type, depth + 1, counter))
-        return part
     if part.type.startswith("multipart/"):
+        boundary = part.param("boundary")
+        if boundary and depth < MAX_MIME_DEPTH:
+            child_type = "message/rfc822" if part.type == "multipart/digest" else "text/plain"
+            marker = b"--" + boundary.encode("utf-8", "replace")
+            for child_start, child_end in _mime_children(raw, body_start, end, marker):
+                part.sub_parts.append(
+                    mime_tree(raw, child_type, depth + 1, counter, child_start, child_end))
+            return part
         part.type = "text/plain"  # lenient: a multipart without a usable boundary
     counter["leaves"] += 1
     part.part_id = str(counter["leaves"])
@@ -4335,38 +4389,126 @@ def mime_tree(raw: bytes, default_type: str = "text/plain", depth: int = 0,
 
 
 def mime_strip_comments(value: str) -> str:
-    """Remove RFC 5322 comments (nested, with quoted-pairs) outside quoted strings."""
+    """Remove RFC 5322 comments (nested, with quoted-pairs) outside quoted strings.
+
+    Runs of ordinary characters are one token each, so the loop is over the few
+    special characters, not over every character."""
     if "(" not in value:
         return value
-    out, depth, quoted, i = [], 0, False, 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and (quoted or depth) and i + 1 < len(value):
-            if not depth:
-                out.append(value[i: i + 2])
-            i += 2
-            continue
-        if ch == '"' and not depth:
+    out, depth, quoted, escaped = [], 0, False, False
+    for token in _COMMENT_TOKEN_RE.findall(value):
+        if escaped:  # the character after a backslash is itself (RFC 5322 §3.2.1)
+            escaped = False
+        elif token == "\\" and (quoted or depth):
+            escaped = True
+        elif token == '"' and not depth:
             quoted = not quoted
-        elif ch == "(" and not quoted:
+        elif token == "(" and not quoted:
             depth += 1
-            out.append(" ") if depth == 1 else None
-        elif ch == ")" and depth:
+            if depth == 1:
+                out.append(" ")
+            continue
+        elif token == ")" and depth:
             depth -= 1
-            i += 1
             continue
         if not depth:
-            out.append(ch)
-        i += 1
+            out.append(token)
     return "".join(out)
 
 
-def _mime_param_block(headers: list) -> str:
-    """The Content-Type and Content-Disposition fields, comments removed (RFC 2045 §5.1),
-    for the email package to read parameters (RFC 2231 included) from."""
-    lines = [f"{name}: {mime_strip_comments(_unfold(value))}" for name, value in headers
-             if name.lower() in ("content-type", "content-disposition")]
-    return "\r\n".join(lines) + "\r\n\r\n"
+def mime_params(value: str) -> dict:
+    """The parameters of a Content-Type or Content-Disposition value (RFC 2045 §5.1):
+    {name in lower case: (value, whether it came in RFC 2231 form)}.
+
+    Quoted strings are unquoted; RFC 2231 continuations (name*0, name*1, …) are joined
+    and extended values (name*=charset'lang'%XX) decoded. The extended form wins over
+    sections, sections over the plain form; the first of duplicates counts. Malformed
+    pieces are skipped, never fatal, and the value is read in one pass."""
+    pieces, current = [], []
+    for token in _PARAM_TOKEN_RE.findall(mime_strip_comments(_unfold(value))):
+        if token == ";":
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(token)
+    pieces.append("".join(current))
+    plain, sections, extended = {}, {}, {}
+    for piece in pieces[1:]:  # the first is the media type or the disposition
+        name, sep, raw_value = piece.partition("=")
+        match = _PARAM_NAME_RE.fullmatch(name.strip().lower())
+        if not sep or not match:
+            continue
+        raw_value = _param_unquote(raw_value.strip())
+        base, section, star = match.groups()
+        if section is not None:
+            sections.setdefault(base, {}).setdefault(int(section), (bool(star), raw_value))
+        elif star:
+            extended.setdefault(base, raw_value)
+        else:
+            plain.setdefault(base, raw_value)
+    found = {name: (text, False) for name, text in plain.items()}
+    for base, parts in sections.items():  # RFC 2231 §3: in section order
+        ordered = [parts[index] for index in sorted(parts)]
+        found[base] = (_rfc2231_join(ordered), any(star for star, _ in ordered))
+    for base, raw_value in extended.items():
+        found[base] = (_rfc2231_join([(True, raw_value)]), True)
+    return found
+
+
+def _param_unquote(value: str) -> str:
+    if not value.startswith('"'):
+        return value
+    inner = value[1:-1] if value.endswith('"') and len(value) > 1 else value[1:]
+    return re.sub(r"\\(.)", r"\1", inner, flags=re.S) if "\\" in inner else inner
+
+
+def _rfc2231_join(parts: list) -> str:
+    """One value from RFC 2231 sections [(extended, text)]: an extended section is
+    %-encoded octets, the first one prefixed by charset'language' (RFC 2231 §4)."""
+    from urllib.parse import unquote_to_bytes  # lazy: mail reading only
+
+    charset, data = "us-ascii", bytearray()
+    for index, (extended, text) in enumerate(parts):
+        if not extended:
+            data += text.encode("utf-8", "replace")  # lenient: raw 8-bit taken as UTF-8
+            continue
+        if index == 0 and text.count("'") >= 2:
+            named, _language, text = text.split("'", 2)
+            charset = named or "us-ascii"
+        data += unquote_to_bytes(text)
+    if not data.isascii() and charset.lower() in ("us-ascii", "ascii"):
+        charset = "utf-8"  # lenient: 8-bit octets labelled ASCII are most often UTF-8
+    return mime_decode_text(bytes(data), charset)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def mime_text_codec(charset: str | None) -> str | None:
+    """The Python codec for a charset a message names, or None if there is none that
+    decodes octets to text: unknown names, and codecs such as rot13, zlib, base64, hex,
+    uu, quoted-printable, idna or undefined, which are not text encodings."""
+    import codecs  # lazy: mail reading only
+
+    if not charset:
+        return None
+    try:
+        info = codecs.lookup(charset)
+    except (LookupError, ValueError, TypeError):
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
+        return None  # _is_text_encoding: how codecs itself marks bytes-to-bytes codecs
+    return info.name
+
+
+def mime_decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
+    """Decode octets in the charset a message names, never failing: (text, problem).
+    Without a usable codec the octets are read as UTF-8 with U+FFFD for the rest."""
+    codec = mime_text_codec(charset)
+    if codec is not None:
+        try:
+            return data.decode(codec, "replace"), False
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            pass  # a codec that fails whatever the errors handler says
+    return data.decode("utf-8", "replace"), True
 
 
 def _mime_type(part: MimePart, default_type: str) -> str:
@@ -4374,41 +4516,41 @@ def _mime_type(part: MimePart, default_type: str) -> str:
     value = part.header("content-type")
     if value is None:
         return default_type
-    media = re.sub(r"\s+", "", mime_strip_comments(_unfold(value)).split(";")[0]).lower()
+    media = re.sub(r"\s+", "", mime_strip_comments(_unfold(value)).partition(";")[0]).lower()
     if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", media):
         return "text/plain"  # RFC 2045 §5.2: a malformed Content-Type means text/plain
     return media
 
 
-def _mime_children(body: bytes, boundary: bytes) -> list[bytes]:
-    """Cut a multipart body at its delimiter lines (RFC 2046 §5.1.1).
+def _mime_children(raw: bytes, start: int, end: int, marker: bytes) -> list[tuple[int, int]]:
+    """Cut the multipart body raw[start:end] at its delimiter lines (RFC 2046 §5.1.1);
+    return each part's (start, end) offsets.
 
     The CRLF before a delimiter belongs to the delimiter; a missing close delimiter
     ends the last part at the end of the body (lenient).
     """
-    marker = b"--" + boundary
-    chunks, start, at = [], None, 0
+    chunks, first, at = [], None, start
     while True:
-        at = body.find(marker, at)
+        at = raw.find(marker, at, end)
         if at < 0:
             break
-        if at and body[at - 1: at] != b"\n":
+        if at > start and raw[at - 1] != 0x0A:
             at += len(marker)
             continue  # not at the start of a line
-        line_end = body.find(b"\n", at)
-        line_end = len(body) if line_end < 0 else line_end
-        rest = body[at + len(marker): line_end].rstrip(b"\r \t")
+        line_end = raw.find(b"\n", at, end)
+        line_end = end if line_end < 0 else line_end
+        rest = raw[at + len(marker): line_end].rstrip(b"\r \t")
         if rest not in (b"", b"--"):
             at += len(marker)
             continue  # a longer boundary that merely starts the same way
-        if start is not None:
-            cut = at - 2 if body[at - 2: at] == b"\r\n" else max(at - 1, start)
-            chunks.append(body[start:cut])
+        if first is not None:
+            cut = at - 2 if raw[at - 2: at] == b"\r\n" and at - 2 >= first else max(at - 1, first)
+            chunks.append((first, cut))
         if rest == b"--":
             return chunks
-        start = at = min(line_end + 1, len(body))
-    if start is not None:
-        chunks.append(body[start:])
+        first = at = min(line_end + 1, end)
+    if first is not None:
+        chunks.append((first, end))
     return chunks
 
 
@@ -4490,49 +4632,43 @@ def mime_decode_words(text: str) -> str:
     """Decode RFC 2047 encoded words that stand alone between whitespace.
 
     Whitespace between two adjacent encoded words is dropped (RFC 2047 §6.2); a word
-    glued to other text is left as it is (RFC 8621 §4.1.2.2 step 4).
+    glued to other text is left as it is (RFC 8621 §4.1.2.2 step 4). Adjacent words
+    in one charset are decoded together (a character may be split across two).
     """
     if "=?" not in text:
         return text
-    items: list = []  # (kind, value): ew (charset, octets), ws or text
-    for token in re.split(r"([ \t]+)", text):
+    items: list = []  # [kind, text or charset, octet pieces]: kinds ew, ws, text
+    for token in _WHITE_SPACE_SPLIT_RE.split(text):
         if not token:
             continue
-        word = ENCODED_WORD_RE.fullmatch(token)
+        word = ENCODED_WORD_RE.fullmatch(token) if "=?" in token else None
         decoded = _encoded_word_octets(word) if word else None
-        if decoded is not None:
-            if len(items) >= 2 and items[-1][0] == "ws" and items[-2][0] == "ew":
-                items.pop()  # white space between encoded words is not part of the text
-            items.append(("ew", decoded))
+        if decoded is None:
+            items.append(["ws" if token.isspace() else "text", token, None])
+            continue
+        if len(items) >= 2 and items[-1][0] == "ws" and items[-2][0] == "ew":
+            items.pop()  # white space between encoded words is not part of the text
+        if items and items[-1][0] == "ew" and items[-1][1] == decoded[0]:
+            items[-1][2].append(decoded[1])
         else:
-            items.append(("ws" if token.isspace() else "text", token))
-    out = []
-    for index, (kind, value) in enumerate(items):
-        if kind != "ew":
-            out.append(value)
-        elif index and items[index - 1][0] == "ew" and items[index - 1][1][0] == value[0]:
-            continue  # joined into the run that starts before it
-        else:
-            charset, data = value
-            for later_kind, later in items[index + 1:]:
-                if later_kind != "ew" or later[0] != charset:
-                    break
-                data += later[1]  # a character may be split across two words
-            out.append(_decoded_word(charset, data))
-    return "".join(out)
+            items.append(["ew", decoded[0], [decoded[1]]])
+    return "".join(_decoded_word(value, b"".join(pieces)) if kind == "ew" else value
+                   for kind, value, pieces in items)
+
+
+_WHITE_SPACE_SPLIT_RE = re.compile(r"([ \t]+)")
 
 
 def _decoded_word(charset: str, data: bytes) -> str:
-    text = data.decode(charset, "replace")
-    return "".join(ch for ch in text if ch == "\t" or unicodedata.category(ch) != "Cc")
+    return _CONTROL_CHARS_RE.sub("", mime_decode_text(data, charset)[0])
 
 
 def _encoded_word_octets(word) -> tuple[str, bytes] | None:
     import binascii  # lazy: mail reading only
 
     charset = word.group(1).split("*")[0].lower()  # RFC 2231 §5: charset*language
-    if not _known_charset(charset):
-        return None
+    if mime_text_codec(charset) is None:
+        return None  # an unknown charset (or no text codec): the word stays as it is
     payload = word.group(3)
     try:
         if word.group(2) in "Bb":
@@ -4543,17 +4679,6 @@ def _encoded_word_octets(word) -> tuple[str, bytes] | None:
     except (binascii.Error, ValueError):
         return None
     return charset, data
-
-
-@functools.lru_cache(maxsize=256)
-def _known_charset(charset: str) -> bool:
-    import codecs  # lazy: mail reading only
-
-    try:
-        codecs.lookup(charset)
-    except LookupError:
-        return False
-    return True
 
 
 # ---- addresses (RFC 5322 §3.4 with RFC 8621 §4.1.2.3) ----
@@ -4573,16 +4698,7 @@ def _address_tokens(text: str) -> list[tuple[str, str]]:
     tokens, i = [], 0
     while i < len(text):
         if text[i] == "(":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "\\":
-                    j += 2
-                    continue
-                depth += text[j] == "("
-                depth -= text[j] == ")"
-                j += 1
-                if depth == 0:
-                    break
+            j = _comment_end(text, i)
             tokens.append(("c", text[i + 1: j - 1] if text[j - 1:j] == ")" else text[i + 1: j]))
             i = j
             continue
@@ -4596,6 +4712,24 @@ def _address_tokens(text: str) -> list[tuple[str, str]]:
         tokens.append((kind, token))
         i = match.end()
     return tokens
+
+
+_COMMENT_SCAN_RE = re.compile(r"[^()\\]+|\\.?|[()]", re.S)
+
+
+def _comment_end(text: str, at: int) -> int:
+    """The index just past the (nested) comment opening at text[at]; the end of the text
+    if it never closes. Runs of ordinary characters are skipped as one token."""
+    depth = 0
+    for match in _COMMENT_SCAN_RE.finditer(text, at):
+        token = match.group(0)
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return len(text)
 
 
 def mime_address_groups(raw: str) -> list[dict]:
@@ -4657,18 +4791,18 @@ def _phrase(tokens: list) -> str | None:
     """A display name (RFC 8621 §4.1.2.3): a quoted-string keeps its inner white space,
     quotes and quoted-pairs removed; words outside quotes are joined by single spaces
     and their encoded words decoded (never inside a quoted-string: RFC 2047 §5)."""
-    pieces, run = [], ""
+    pieces, run = [], []
     for kind, token in tokens:
         if kind == "q":
-            pieces.append(mime_decode_words(re.sub(r"\s+", " ", run)))
-            run = ""
+            pieces.append(mime_decode_words(re.sub(r"\s+", " ", "".join(run))))
+            run = []
             inner = token[1:-1] if token.endswith('"') and len(token) > 1 else token[1:]
             pieces.append(re.sub(r"\\(.)", r"\1", inner, flags=re.S))
         elif kind == "w":
-            run += " "
+            run.append(" ")
         elif kind in ("a", "s") and token not in "<>,:;":
-            run += token
-    pieces.append(mime_decode_words(re.sub(r"\s+", " ", run)))
+            run.append(token)
+    pieces.append(mime_decode_words(re.sub(r"\s+", " ", "".join(run))))
     text = "".join(pieces).strip()
     return unicodedata.normalize("NFC", text) or None
 
@@ -4795,25 +4929,19 @@ def mime_part_charset(part: MimePart) -> str | None:
         return "us-ascii" if part.type.startswith("text/") else None
     if not part.type.startswith("text/"):
         return None
-    charset = part.params.get_param("charset")
-    if isinstance(charset, tuple):  # RFC 2231 form
-        charset = charset[2]
-    return charset.strip().lower() if isinstance(charset, str) and charset.strip() \
-        else "us-ascii"
+    charset = (part.param("charset") or "").strip().lower()
+    return charset or "us-ascii"
 
 
 def mime_part_name(part: MimePart) -> str | None:
     """RFC 8621 §4.1.4 `name`: Content-Disposition filename (RFC 2231), else Content-Type name."""
-    from email.utils import collapse_rfc2231_value  # lazy: mail reading only
-
     for header, param in (("content-disposition", "filename"), ("content-type", "name")):
-        value = part.params.get_param(param, header=header) if part.header(header) else None
-        if value is None:
+        found = part.params(header).get(param)
+        if found is None:
             continue
-        if isinstance(value, tuple):
-            value = collapse_rfc2231_value(value, errors="replace")
-        else:
-            value = mime_decode_words(value)
+        value, rfc2231 = found
+        if not rfc2231:
+            value = mime_decode_words(value)  # lenient: RFC 2047 words where 2231 belongs
         text = unicodedata.normalize("NFC", value.replace("\0", "")).strip()
         if text:
             return text
@@ -4894,11 +5022,9 @@ def _mime_part_text(part: MimePart) -> tuple[str, bool]:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             text, problem = data.decode("windows-1252", "replace"), True
-    elif _known_charset(charset):
-        text = data.decode(charset, "replace")
-        problem = problem or "\ufffd" in text and b"\xef\xbf\xbd" not in data
     else:
-        text, problem = data.decode("utf-8", "replace"), True
+        text, unusable = mime_decode_text(data, charset)
+        problem = problem or unusable or "\ufffd" in text and b"\xef\xbf\xbd" not in data
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", ""), problem
 
 
@@ -4913,22 +5039,56 @@ def mime_truncate(text: str, max_octets: int, is_html: bool) -> tuple[str, bool]
     return cut, True
 
 
-def _html_tag_text(match) -> str:
-    """The alt and title texts of a tag, which readers see (RFC 8621 §4.4.1)."""
-    found = re.findall(r"""(?is)\b(?:alt|title)\s*=\s*(?:"([^"]*)"|'([^']*)')""", match.group(0))
-    return " " + " ".join(a or b for a, b in found) + " "
+_HTML_TAG_NAME_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)")
+_HTML_ALT_RE = re.compile(r"""(?is)\b(?:alt|title)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+_HTML_RAW_TEXT_END = {name: re.compile(rf"(?i)</{name}\s*>") for name in ("script", "style",
+                                                                          "head")}
+_HTML_LINE_BREAKS = {"br", "/p", "/div", "/li", "/tr"}
 
 
 def mime_html_to_text(html: str) -> str:
-    """Plain text from HTML, for previews and search: tags out, entities decoded."""
+    """Plain text from HTML, for previews and search, in one pass (linear in the input):
+    comments and script, style and head elements dropped, tags out (their alt and title
+    texts kept: readers see them, RFC 8621 §4.4.1), line-ending elements as newlines,
+    entities decoded. An unclosed comment, script or style runs to the end, as in a
+    browser; after the last `>` the rest is text."""
     import html as html_lib  # lazy: mail reading only
 
-    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>", " ", html)
-    # RFC 8621 §4.4.1: alt and title are shown to readers, so they count as text
-    text = re.sub(r"(?is)<[a-z][^>]*>", _html_tag_text, text)
-    text = re.sub(r"(?i)<br\s*/?>|</p\s*>|</div\s*>|</li\s*>|</tr\s*>", "\n", text)
-    text = re.sub(r"(?s)<!--.*?-->|<[^>]*>", " ", text)
-    return html_lib.unescape(text)
+    out, at, size, unclosed = [], 0, len(html), set()
+    while at < size:
+        lt = html.find("<", at)
+        if lt < 0:
+            out.append(html[at:])
+            break
+        out.append(html[at:lt])
+        if html.startswith("<!--", lt):
+            close = html.find("-->", lt + 4)
+            out.append(" ")
+            at = size if close < 0 else close + 3
+            continue
+        gt = html.find(">", lt + 1)
+        if gt < 0:
+            out.append(html[lt:])  # no tag can end after here
+            break
+        at = gt + 1
+        named = _HTML_TAG_NAME_RE.match(html, lt, gt)
+        name = (named.group(1) + named.group(2).lower()) if named else ""
+        if name in _HTML_LINE_BREAKS:
+            out.append("\n")
+        elif name and not named.group(1):
+            alts = [a or b for a, b in _HTML_ALT_RE.findall(html, lt, gt)]
+            out.append(" " + " ".join(alts) + " " if alts else " ")
+        else:
+            out.append(" ")
+        if name in _HTML_RAW_TEXT_END and name not in unclosed:
+            close = _HTML_RAW_TEXT_END[name].search(html, at)
+            if close is not None:
+                at = close.end()
+            elif name == "head":
+                unclosed.add(name)  # lenient: an unclosed head ends where the body starts
+            else:
+                at = size
+    return html_lib.unescape("".join(out))
 
 
 def mime_preview(text_body: list) -> str:
@@ -5012,25 +5172,42 @@ def mime_email(raw: bytes) -> MimePart:
         return mime_tree(raw)
     except (MimeError, RecursionError, ValueError, LookupError) as exc:
         log.getChild("mime").warning("unparsable message (%s); kept as one part", exc)
-        return MimePart([], raw, None, "text/plain", "1")
+        return MimePart([], raw, 0, len(raw), "text/plain", "1")
+
+
+_SUBJECT_LEADER_RE = re.compile(r"(?:re|fwd?|aw|sv|wg) ?(?:\[[^\[\]]*\])? ?: ?", re.I)
+_SUBJECT_BLOB_RE = re.compile(r"\[[^\[\]]*\] ?")
 
 
 def mime_base_subject(subject: str | None) -> str:
-    """The base subject (RFC 5256 §2.1): reply/forward prefixes, list tags and (fwd) gone."""
+    """The base subject (RFC 5256 §2.1): reply/forward prefixes, list tags and (fwd) gone.
+
+    The subject is never copied while it shrinks: two indexes close in on the base, so
+    a subject of a thousand prefixes or trailers costs what its length costs."""
     text = re.sub(r"\s+", " ", subject or "").strip()
+    start, end = 0, len(text)
     while True:
-        before = text
-        text = re.sub(r"\s*\(fwd\)$", "", text, flags=re.IGNORECASE)
-        wrapped = re.fullmatch(r"\[fwd:\s*(.*)\]", text, flags=re.IGNORECASE)
-        if wrapped:
-            text = wrapped.group(1).strip()
-        text = re.sub(r"^(?:re|fwd?|aw|sv|wg)\s*(?:\[[^\[\]]*\])?\s*:\s*", "", text,
-                      flags=re.IGNORECASE)
-        untagged = re.sub(r"^\[[^\[\]]*\]\s*", "", text)
-        if untagged:  # a list tag goes, unless it is all there is
-            text = untagged
-        if text == before:
-            return text
+        before = (start, end)
+        while True:  # (2) trailers: "(fwd)" and white space
+            if end > start and text[end - 1] == " ":
+                end -= 1
+            elif end - start >= 5 and text[end - 5:end].lower() == "(fwd)":
+                end -= 5
+            else:
+                break
+        if end - start >= 6 and text[start:start + 5].lower() == "[fwd:" and text[end - 1] == "]":
+            start, end = start + 5, end - 1  # (6) a [fwd: …] wrapper, then again from (2)
+            start += text.startswith(" ", start)
+            continue
+        leader = _SUBJECT_LEADER_RE.match(text, start, end)  # (3) Re:, Fwd: and friends
+        while leader and leader.end() > start:
+            start = leader.end()
+            leader = _SUBJECT_LEADER_RE.match(text, start, end)
+        blob = _SUBJECT_BLOB_RE.match(text, start, end)  # (4) a list tag, unless all there is
+        if blob and blob.end() < end:
+            start = blob.end()
+        if (start, end) == before:
+            return text[start:end]
 
 
 def mime_received_at(root: MimePart) -> int | None:
@@ -5572,7 +5749,12 @@ class EmailType(TypeSpec):
             summary = row.__dict__["_summary"] = json.loads(row.summary)
         if name in summary:
             return summary[name]
-        return email_message_property(ctx, self._parsed(ctx, row), f"P{row.blob_sha256}", name)
+        try:
+            return email_message_property(ctx, self._parsed(ctx, row), f"P{row.blob_sha256}",
+                                          name)
+        except Exception:  # noqa: BLE001 -- one message's reader bug never fails the call
+            log.getChild("mime").exception("Email %s: %s could not be read", row.pk, name)
+            return MESSAGE_PROPERTY_FALLBACK.get(name)
 
     def validate(self, ctx, values, row):
         """An update's mailboxIds and keywords (RFC 8621 §4.6)."""
@@ -5583,8 +5765,8 @@ class EmailType(TypeSpec):
         mailbox_pks, keywords, received_at = email_meta(ctx, raw_obj)
         raw = mime_write_message(ctx, raw_obj)
         sha, _ = blob_store_bytes(ctx.app.cfg.data_dir, raw)
-        row = email_store(ctx.changes, ctx.account.pk, sha, raw, mailbox_pks, keywords,
-                          received_at or ctx.now, ctx.now)
+        row = email_store(ctx.changes, ctx.account.pk, email_analyse(raw, sha), mailbox_pks,
+                          keywords, received_at or ctx.now, ctx.now)
         return email_created(ctx, cid, row)
 
     def copy_one(self, ctx, src, cid, raw_obj):
@@ -5599,8 +5781,8 @@ class EmailType(TypeSpec):
         mailbox_pks, keywords, received_at = email_meta(ctx, values)
         with blob_open(ctx.app.cfg.data_dir, original.blob_sha256) as f:
             raw = f.read()
-        row = email_store(ctx.changes, ctx.account.pk, original.blob_sha256, raw, mailbox_pks,
-                          keywords, received_at, ctx.now)
+        row = email_store(ctx.changes, ctx.account.pk, email_analyse(raw, original.blob_sha256),
+                          mailbox_pks, keywords, received_at, ctx.now)
         return email_created(ctx, cid, row)
 
     def update_base(self, patch):
@@ -5713,6 +5895,10 @@ def email_created(ctx: Call, cid: str, row: Email) -> dict:
             "threadId": id_for("T", row.thread_pk), "size": row.size}
 
 
+MESSAGE_PROPERTY_FALLBACK = {"headers": [], "bodyValues": {}, "textBody": [], "htmlBody": [],
+                             "attachments": [], "hasAttachment": False, "preview": ""}
+
+
 def email_message_property(ctx: Call, root: MimePart, blob_base: str, name: str):
     """An Email property read from the parsed message; part blob ids start with blob_base."""
     if name in CONVENIENCE_HEADERS or name in ("hasAttachment", "preview"):
@@ -5763,42 +5949,79 @@ def email_mailbox_pks(email_pk: int) -> list[int]:
 # ---- storing and counting ----
 
 
-def email_store(changes: ChangeLog, account_pk: int, sha: str, raw: bytes, mailbox_pks: list,
-                keywords: dict, received_at: float | None, now: float) -> Email:
-    """Store a message as an Email in the caller's transaction (the one way mail enters)."""
+@dataclass
+class MessageFacts:
+    """What storing a message needs, worked out from one parse before any write
+    transaction (DESIGN: analyse, then commit): the commit only writes rows."""
+
+    sha: str
+    size: int
+    summary: dict  # the fast properties (RFC 8621 §4.2), stored as JSON
+    columns: dict  # Email columns read from the message (sort keys, sentAt, …)
+    received_at: int | None  # of the topmost Received field
+    msgids: list  # [(message id, 1 if its own else 0)] for threading
+    fts: list  # the search index values
+    headers: list  # the top-level header fields (vacation, delivery reports)
+    report: dict | None  # a delivery report's facts (submission_report_facts)
+
+
+EMPTY_SUMMARY = {**dict.fromkeys(CONVENIENCE_HEADERS), "hasAttachment": False, "preview": ""}
+
+
+def email_analyse(raw: bytes, sha: str | None = None) -> MessageFacts:
+    """Parse a message once into the facts its Email is stored from. A message always
+    yields facts: what cannot be read is left empty and the raw message is kept."""
+    sha = sha or hashlib.sha256(raw).hexdigest()
     root = mime_email(raw)
+    summary, report = dict(EMPTY_SUMMARY), None
     try:
         summary = mime_summary(root)
-    except (ValueError, LookupError, TypeError, UnicodeError, RecursionError) as exc:
-        # The raw message is kept whatever happens; only the fast properties are lost.
-        log.getChild("mime").warning("message %s: summary failed (%r)", sha[:12], exc)
-        summary = {**dict.fromkeys(CONVENIENCE_HEADERS), "hasAttachment": False, "preview": ""}
+        report = submission_report_facts(root)
+    except Exception:  # noqa: BLE001 -- a parser bug must not cost the mail: logged, stored
+        log.getChild("mime").exception("message %s: read in part only", sha[:12])
+    fts = search_values(root, summary)
+    ids = [(i, 1) for i in summary["messageId"] or []]
+    ids += [(i, 0) for i in (summary["references"] or []) + (summary["inReplyTo"] or [])]
+    columns = {"sent_at": mime_date_timestamp(summary["sentAt"]),
+               "summary": json_dumps(summary), "message_id": (summary["messageId"] or [None])[0],
+               "subject_sort": mime_base_subject(summary["subject"]),
+               "from_sort": _address_sort_key(summary["from"]),
+               "to_sort": _address_sort_key(summary["to"]),
+               "has_attachment": summary["hasAttachment"], "search_version": SEARCH_VERSION}
+    received_at = None
+    try:
+        received_at = mime_received_at(root)
+    except (ValueError, OverflowError):
+        pass  # a Received date beyond what a timestamp holds: the arrival time instead
+    return MessageFacts(sha, len(raw), summary, columns, received_at, ids, fts, root.headers,
+                        report)
+
+
+def email_store(changes: ChangeLog, account_pk: int, facts: MessageFacts, mailbox_pks: list,
+                keywords: dict, received_at: float | None, now: float) -> Email:
+    """Store analysed facts as an Email in the caller's transaction (the one way mail
+    enters): rows only, no parsing, no file I/O."""
     if received_at is None:
-        received_at = mime_received_at(root) or now
-    thread_pk = thread_for_email(changes, account_pk, summary)
+        received_at = facts.received_at or now
+    thread_pk = thread_for_email(changes, account_pk, facts)
     before = thread_counts(thread_pk)
     email_pk = record_new(
-        changes, "Email", Email, blob_sha256=sha, size=len(raw), received_at=int(received_at),
-        sent_at=mime_date_timestamp(summary["sentAt"]), thread_pk=thread_pk,
-        keywords=json_dumps(keywords), unread=email_is_unread(keywords),
-        summary=json_dumps(summary), message_id=(summary["messageId"] or [None])[0],
-        subject_sort=mime_base_subject(summary["subject"]),
-        from_sort=_address_sort_key(summary["from"]), to_sort=_address_sort_key(summary["to"]),
-        has_attachment=summary["hasAttachment"])
+        changes, "Email", Email, blob_sha256=facts.sha, size=facts.size,
+        received_at=int(received_at), thread_pk=thread_pk, keywords=json_dumps(keywords),
+        unread=email_is_unread(keywords), **facts.columns)
     cursor = db.cursor()
     cursor.executemany("INSERT INTO email_mailbox (email_pk, mailbox_pk) VALUES (?, ?)",
                        [(email_pk, m) for m in sorted(set(mailbox_pks))])
     cursor.executemany("INSERT INTO email_keyword (keyword, email_pk, thread_pk) VALUES (?, ?, ?)",
                        [(k, email_pk, thread_pk) for k in keywords])
-    ids = [(i, 1) for i in summary["messageId"] or []]
-    ids += [(i, 0) for i in (summary["references"] or []) + (summary["inReplyTo"] or [])]
     cursor.executemany("INSERT OR IGNORE INTO email_msgid (account_pk, msgid, email_pk, own) "
-                       "VALUES (?, ?, ?, ?)", [(account_pk, i, email_pk, own) for i, own in ids])
-    search_index(email_pk, root, summary)
-    blob_add_ref(account_pk, sha, len(raw), "email", now, owner_pk=email_pk)
+                       "VALUES (?, ?, ?, ?)",
+                       [(account_pk, i, email_pk, own) for i, own in facts.msgids])
+    search_index(email_pk, facts.fts)
+    blob_add_ref(account_pk, facts.sha, facts.size, "email", now, owner_pk=email_pk)
     mailbox_apply_counts(changes, before, thread_counts(thread_pk))
     changes.next("EmailDelivery")  # RFC 8621 §1.5: changes only when new mail arrives
-    return Email(pk=email_pk, account_pk=account_pk, blob_sha256=sha, size=len(raw),
+    return Email(pk=email_pk, account_pk=account_pk, blob_sha256=facts.sha, size=facts.size,
                  thread_pk=thread_pk, received_at=int(received_at))
 
 
@@ -5809,7 +6032,7 @@ def _address_sort_key(addresses) -> str:
     return addresses[0]["name"] or addresses[0]["email"] or ""
 
 
-def thread_for_email(changes: ChangeLog, account_pk: int, summary: dict) -> int:
+def thread_for_email(changes: ChangeLog, account_pk: int, facts: MessageFacts) -> int:
     """The thread a new Email joins (RFC 8621 §3).
 
     It joins the thread of a message it names in References/In-Reply-To, or of a
@@ -5817,9 +6040,9 @@ def thread_for_email(changes: ChangeLog, account_pk: int, summary: dict) -> int:
     the subject check keeps broken References from merging strangers, and a subject
     alone never joins anything. Otherwise it starts a thread of its own.
     """
-    refs = (summary.get("references") or []) + (summary.get("inReplyTo") or [])
-    own = summary.get("messageId") or []
-    subject = mime_base_subject(summary.get("subject")).casefold()
+    refs = [i for i, own in facts.msgids if not own]
+    own = [i for i, own in facts.msgids if own]
+    subject = facts.columns["subject_sort"].casefold()
     candidates = []
     for ids, kind in ((refs, 1), (own, 0)):
         if ids:
@@ -5916,9 +6139,10 @@ def email_destroy(changes: ChangeLog, row: Email) -> None:
 def email_detach(changes: ChangeLog, row: Email) -> None:
     """Everything but the tombstone of destroying an Email (RFC 8621 §4.6 destroy)."""
     try:
-        with blob_open(db_data_dir(), row.blob_sha256) as f:
-            root = mime_email(f.read())
-        search_unindex(row.pk, root, json.loads(row.summary))
+        if getattr(row, "search_version", 1) == SEARCH_VERSION:
+            with blob_open(db_data_dir(), row.blob_sha256) as f:
+                root = mime_email(f.read())
+            search_unindex(row.pk, search_values(root, json.loads(row.summary)))
     except OSError as exc:  # a missing blob must not keep the Email alive
         log.error("Email %s: blob unreadable (%s); search index entry left", row.pk, exc)
     EmailMailbox.delete().where(EmailMailbox.email_pk == row.pk).execute()
@@ -5943,7 +6167,33 @@ IMPORT_ARGS = {
 }
 
 
-@jmap_method("Email/import", CAP_MAIL, writes=True)
+def _import_prepare(ctx: Call, raw_args: dict) -> None:
+    """Read, check and analyse each blob before the write transaction; a part of another
+    message becomes a blob of its own, durably, here too."""
+    emails = raw_args.get("emails")
+    if not isinstance(emails, dict) or len(emails) > ctx.limits.max_objects_in_set:
+        return  # the handler refuses the call
+    prepared = ctx.scratch.setdefault("import", {})
+    for item in emails.values():
+        raw_blob_id = item.get("blobId") if isinstance(item, dict) else None
+        if isinstance(raw_blob_id, str) and raw_blob_id not in prepared:
+            prepared[raw_blob_id] = _import_analyse(ctx, raw_blob_id)
+
+
+def _import_analyse(ctx: Call, raw_blob_id: str):
+    """MessageFacts of a blob to import, or "notFound" / "invalidEmail"."""
+    raw = blob_read(ctx, raw_blob_id)
+    if raw is None:
+        return "notFound"
+    if not mime_looks_like_message(raw):  # RFC 8621 §4.8: a blob that is no message at all
+        return "invalidEmail"
+    sha = hashlib.sha256(raw).hexdigest()
+    if blob_sha_from_id(raw_blob_id) != sha:  # a part of another message: store it
+        blob_store_bytes(ctx.app.cfg.data_dir, raw)
+    return email_analyse(raw, sha)
+
+
+@jmap_method("Email/import", CAP_MAIL, writes=True, prepare=_import_prepare)
 def email_import(ctx: Call, raw_args: dict) -> dict:
     """Add uploaded messages as Emails (RFC 8621 §4.8)."""
     args = take_args(raw_args, IMPORT_ARGS)
@@ -5968,19 +6218,19 @@ def _import_one(ctx: Call, cid: str, item) -> dict:
     if not isinstance(item, dict):
         raise invalid_properties([], "an EmailImport must be an object")
     bad = sorted(set(item) - {"blobId", "mailboxIds", "keywords", "receivedAt"})
-    raw = blob_read(ctx, item.get("blobId")) if isinstance(item.get("blobId"), str) else None
-    if raw is None:
+    raw_blob_id = item.get("blobId")
+    facts = "notFound"
+    if isinstance(raw_blob_id, str):
+        facts = ctx.scratch.get("import", {}).get(raw_blob_id) or _import_analyse(ctx, raw_blob_id)
+    if facts == "notFound":
         bad.append("blobId")
     if bad:
         raise invalid_properties(bad, "blobId must name a blob this account can read")
     mailbox_pks, keywords, received_at = email_meta(ctx, item)
-    if mime_parsable(raw) is None:  # RFC 8621 §4.8: a blob that is no message at all
+    if facts == "invalidEmail":
         raise SetError("invalidEmail", "the blob is not a message: it must begin with a header")
-    sha = hashlib.sha256(raw).hexdigest()
-    if blob_sha_from_id(item["blobId"]) != sha:  # a part of another message: store it
-        blob_store_bytes(ctx.app.cfg.data_dir, raw)
-    row = email_store(ctx.changes, ctx.account.pk, sha, raw, mailbox_pks, keywords,
-                      received_at, ctx.now)
+    row = email_store(ctx.changes, ctx.account.pk, facts, mailbox_pks, keywords, received_at,
+                      ctx.now)
     return email_created(ctx, cid, row)
 
 
@@ -6040,10 +6290,18 @@ def _parsed_property(ctx: Call, root: MimePart, raw_blob_id: str, size: int, nam
     return email_message_property(ctx, root, base, name)
 
 
+def mime_looks_like_message(raw: bytes) -> bool:
+    """Whether a blob opens with a header field, as a message must (RFC 5322 §2.1);
+    later stray lines are tolerated as the reader tolerates them."""
+    return bool(_MESSAGE_START_RE.match(raw))
+
+
+_MESSAGE_START_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,998}[ \t]*:")
+
+
 def mime_parsable(raw: bytes) -> MimePart | None:
-    """The message in a blob, or None if it is not one: it must open with a header field
-    (RFC 5322 §2.1); later stray lines are tolerated as the reader tolerates them."""
-    if not re.match(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:", raw):
+    """The message in a blob, or None if it is not one (see mime_looks_like_message)."""
+    if not mime_looks_like_message(raw):
         return None
     try:
         return mime_tree(raw)
@@ -6173,13 +6431,14 @@ def search_fold(text: str) -> tuple[str, list[int]]:
 def _term_spans(text: str, terms: list) -> list[tuple[int, int]]:
     """Where the folded terms occur in text: (start, end) of original characters."""
     folded, origin = search_fold(text)
-    spans = []
+    spans, taken = [], bytearray(len(text))  # taken: characters inside a span already
     for term in sorted(set(terms), key=len, reverse=True):
-        at = folded.find(term)
+        at = folded.find(term) if term else -1
         while at >= 0:
             start, end = origin[at], origin[at + len(term) - 1] + 1
-            if not any(s < end and start < e for s, e in spans):
+            if taken.find(1, start, end) < 0:
                 spans.append((start, end))
+                taken[start:end] = b"\x01" * (end - start)
             at = folded.find(term, at + len(term))
     return sorted(spans)
 
@@ -6349,38 +6608,42 @@ FTS_COLUMNS = ("subject", "from_", "to_", "cc_", "bcc_", "body")
 
 
 def search_parse_query(text: str) -> list[str]:
-    """Split a search string into words and quoted phrases (RFC 8621 §4.4.1)."""
-    terms, i = [], 0
-    while i < len(text):
-        if text[i] in "'\"" and (i == 0 or text[i - 1].isspace()) and _closing_quote(text, i) > 0:
-            quote, j, phrase = text[i], i + 1, ""
-            while j < len(text) and text[j] != quote:
-                if text[j] == "\\" and j + 1 < len(text):
-                    j += 1
-                phrase += text[j]
-                j += 1
-            terms.append(phrase.strip())
-            i = j + 1
+    """Split a search string into words and quoted phrases (RFC 8621 §4.4.1).
+
+    Control characters (NUL included) separate words. A quote that has no partner
+    starts an ordinary word, and once one kind of quote has none, later ones of that
+    kind are not searched for again: the split is one pass however the quotes fall."""
+    text = _CONTROL_CHARS_RE.sub(" ", text).replace("\t", " ")
+    terms, at, size, unpaired = [], 0, len(text), set()
+    while at < size:
+        if text[at].isspace():
+            at += 1
             continue
-        j = i
-        while j < len(text) and not text[j].isspace():
-            j += 1  # a word; a quote inside it (don't) is part of it
-        terms.append(text[i:j])
-        i = max(j, i + 1)
+        quote = text[at]
+        if quote in "'\"" and quote not in unpaired:
+            close = _closing_quote(text, at)
+            if close > 0:
+                terms.append(re.sub(r"\\(.)", r"\1", text[at + 1:close], flags=re.S).strip())
+                at = close + 1
+                continue
+            unpaired.add(quote)
+        word = _SEARCH_WORD_RE.match(text, at)  # a quote inside a word (don't) is part of it
+        terms.append(word.group(0))
+        at = word.end()
     return [t for t in (t.strip() for t in terms) if t]
+
+
+_SEARCH_WORD_RE = re.compile(r"\S+")
 
 
 def _closing_quote(text: str, at: int) -> int:
     """The index of the quote that closes the one at `at` (escapes skipped), or -1."""
-    j = at + 1
-    while j < len(text):
-        if text[j] == "\\":
-            j += 2
-            continue
-        if text[j] == text[at]:
-            return j
-        j += 1
-    return -1
+    pattern = _CLOSING_QUOTE_RE[text[at]]
+    found = pattern.match(text, at + 1)
+    return found.end() - 1 if found else -1
+
+
+_CLOSING_QUOTE_RE = {q: re.compile(rf"(?:[^{q}\\]|\\.)*{q}", re.S) for q in "'\""}
 
 
 def search_fts_query(text: str, columns: tuple) -> str:
@@ -6414,6 +6677,16 @@ def search_body_text(root: MimePart) -> str:
     return "\n".join(pieces)[:MAX_INDEXED_BODY_CHARS]
 
 
+def search_values(root: MimePart, summary: dict) -> list:
+    """The index values of a message; the same every time for the same message (removal
+    needs them again), empty where extraction fails."""
+    try:
+        return _fts_values(root, summary)
+    except Exception:  # noqa: BLE001 -- a parser bug must not cost the mail: logged
+        log.getChild("search").exception("message text not indexed")
+        return [summary.get("subject") or "", "", "", "", "", ""]
+
+
 def _fts_values(root: MimePart, summary: dict) -> list:
     def people(addresses):
         return " ".join(f"{a['name'] or ''} {a['email']}" for a in addresses or [])
@@ -6422,17 +6695,23 @@ def _fts_values(root: MimePart, summary: dict) -> list:
             people(summary.get("cc")), people(summary.get("bcc")), search_body_text(root)]
 
 
-def search_index(email_pk: int, root: MimePart, summary: dict) -> None:
+# The index is contentless: removing an Email needs exactly the values it was indexed
+# with, which only the same text extraction gives back. Rows record the version of the
+# extraction that indexed them; an older one's entry is left (search joins on live
+# Emails, so it is never found) rather than removed with values that do not match.
+SEARCH_VERSION = 2
+
+
+def search_index(email_pk: int, values: list) -> None:
     """Add an Email to the full-text index (in the storing transaction)."""
     db.execute_sql("INSERT INTO email_fts (rowid, subject, from_, to_, cc_, bcc_, body) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)", [email_pk, *_fts_values(root, summary)])
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", [email_pk, *values])
 
 
-def search_unindex(email_pk: int, root: MimePart, summary: dict) -> None:
+def search_unindex(email_pk: int, values: list) -> None:
     """Remove an Email from the contentless index (it needs the indexed values again)."""
     db.execute_sql("INSERT INTO email_fts (email_fts, rowid, subject, from_, to_, cc_, bcc_, "
-                   "body) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
-                   [email_pk, *_fts_values(root, summary)])
+                   "body) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)", [email_pk, *values])
 
 
 def search_header_matches(data_dir: str, sha: str, name: str, value: str | None) -> bool:
@@ -7005,29 +7284,46 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     `keywords` is one set for all or a list with one per message; `received` optionally
     gives each message's receivedAt (else its Received header or now). New mail from
     an MTA (`incoming`) may get the vacation reply and may be a delivery report for
-    mail we sent; imported mail is neither.
+    mail we sent; imported mail is neither. Everything slow happens before the write
+    transaction: parsing, the blob files, the vacation reply's own blob.
     """
-    stored = blob_store_many(data_dir, raws)  # durable before any row names them
+    facts = [email_analyse(raw) for raw in raws]
+    blob_store_many(data_dir, raws)  # durable before any row names them
+    plans = [vacation_plan(data_dir, account_pk, f, now) if incoming else None for f in facts]
     per_message = keywords if isinstance(keywords, list) else [keywords] * len(raws)
     received = received or [None] * len(raws)
     changes = ChangeLog(account_pk, now)
     with db.atomic("IMMEDIATE"):
-        rows = [deliver_stored(changes, data_dir, sha, raw, mailbox_pks, flags, at, now, incoming)
-                for (sha, _), raw, flags, at in zip(stored, raws, per_message, received)]
+        rows = [deliver_stored(changes, f, mailbox_pks, flags, at, now, incoming, plan)
+                for f, flags, at, plan in zip(facts, per_message, received, plans)]
         changes.flush()
     return rows
 
 
-def deliver_stored(changes: ChangeLog, data_dir: str, sha: str, raw: bytes, mailbox_pks: list,
-                   keywords: dict, received_at, now: float, incoming: bool) -> Email:
-    """One durable blob becomes an Email in the caller's transaction; new mail from an
-    MTA (`incoming`) may also get the vacation reply or be a report on mail we sent."""
-    row = email_store(changes, changes.account_pk, sha, raw, mailbox_pks, keywords,
+def deliver_stored(changes: ChangeLog, facts: MessageFacts, mailbox_pks: list, keywords: dict,
+                   received_at, now: float, incoming: bool, plan=None) -> Email:
+    """One analysed message whose blob is durable becomes an Email in the caller's
+    transaction; new mail from an MTA (`incoming`) may also queue the vacation reply
+    planned for it or be a report on mail we sent."""
+    row = email_store(changes, changes.account_pk, facts, mailbox_pks, keywords,
                       received_at, now)
     if incoming:
-        vacation_consider(data_dir, changes.account_pk, raw, now)
-        submission_apply_report(changes, changes.account_pk, raw, sha)
+        if plan is not None:
+            vacation_queue(changes.account_pk, plan, now)
+        if facts.report is not None:
+            submission_apply_report(changes, changes.account_pk, facts.report, facts.sha)
     return row
+
+
+@dataclass
+class Delivery:
+    """One message for one account, analysed and planned, waiting for its commit."""
+
+    account_pk: int
+    raw: bytes
+    facts: MessageFacts
+    mailbox_pk: int
+    vacation: Any = None  # a VacationPlan, or None
 
 
 # ---- group commit: concurrent deliveries share one commit ----
@@ -7046,7 +7342,7 @@ class GroupCommit:
         self.committing = False
 
     def deliver(self, items: list) -> list:
-        """Store (account_pk, raw, mailbox_pk) items; return per item None or the error."""
+        """Store Delivery items; return per item None or the error."""
         slots = [{"item": item, "done": False, "error": None} for item in items]
         with self.cond:
             self.queue.extend(slots)
@@ -7072,7 +7368,7 @@ class GroupCommit:
 
     def _commit(self, batch: list) -> None:
         try:
-            stored = blob_store_many(self.data_dir, [slot["item"][1] for slot in batch])
+            blob_store_many(self.data_dir, [slot["item"].raw for slot in batch])
         except OSError as exc:
             for slot in batch:
                 slot["error"] = exc
@@ -7081,18 +7377,8 @@ class GroupCommit:
         changes: dict = {}
         try:
             with db.atomic("IMMEDIATE"):
-                for slot, (sha, _) in zip(batch, stored):
-                    account_pk, raw, mailbox_pk = slot["item"]
-                    log_ = changes.setdefault(account_pk, ChangeLog(account_pk, now))
-                    try:
-                        with db.atomic():
-                            deliver_stored(log_, self.data_dir, sha, raw, [mailbox_pk], {},
-                                           None, now, incoming=True)
-                    except peewee.OperationalError:
-                        raise  # busy or broken database: nothing of the group commits
-                    except Exception as exc:  # noqa: BLE001 -- this message fails alone
-                        log.exception("delivery to account %d failed", account_pk)
-                        slot["error"] = exc
+                for slot in batch:
+                    self._store(slot, changes, now)
                 for log_ in changes.values():
                     log_.flush()
         except Exception as exc:  # noqa: BLE001 -- nothing is acknowledged unless committed
@@ -7100,6 +7386,21 @@ class GroupCommit:
                 log.exception("group commit failed")
             for slot in batch:
                 slot["error"] = slot["error"] or exc
+
+    @staticmethod
+    def _store(slot: dict, changes: dict, now: float) -> None:
+        """One delivery in its own savepoint of the group's transaction."""
+        item = slot["item"]
+        log_ = changes.setdefault(item.account_pk, ChangeLog(item.account_pk, now))
+        try:
+            with db.atomic():
+                deliver_stored(log_, item.facts, [item.mailbox_pk], {}, None, now,
+                               incoming=True, plan=item.vacation)
+        except peewee.OperationalError:
+            raise  # busy or broken database: nothing of the group commits
+        except Exception as exc:  # noqa: BLE001 -- this message fails alone
+            log.exception("delivery to account %d failed", item.account_pk)
+            slot["error"] = exc
 
 
 # ---- vacation replies (RFC 8621 §8, RFC 5230, RFC 3834) ----
@@ -7113,55 +7414,82 @@ ROBOT_SENDER_RE = re.compile(  # RFC 5230 §4.6 and RFC 3834 §2: never answer t
     r"no-?reply|do-?not-?reply|bounces?(\+.*)?)@", re.IGNORECASE)
 
 
-def vacation_consider(data_dir: str, account_pk: int, raw: bytes, now: float) -> None:
-    """Queue the vacation reply a newly delivered message deserves, if any (in the
-    delivery's transaction, so the reply is durable exactly when the mail is)."""
+@dataclass
+class VacationPlan:
+    """A vacation reply decided and written before the delivery's transaction; the
+    transaction queues it if the setting is unchanged and the sender not answered lately."""
+
+    sender: str
+    sha: str
+    size: int
+    setting_modseq: int  # the VacationResponse's updated_modseq the reply was made from
+
+
+def vacation_plan(data_dir: str, account_pk: int, facts: MessageFacts,
+                  now: float) -> VacationPlan | None:
+    """The vacation reply a newly delivered message deserves, if any, its blob already
+    durable: everything but the queueing happens outside the write transaction."""
     enabled = db.execute_sql("SELECT pk FROM vacation_response WHERE account_pk = ? AND "
                              "is_enabled AND destroyed = 0", (account_pk,)).fetchone()
     if enabled is None:  # the usual case, answered without building a query
-        return
-    vacation = VacationResponse.get_by_id(enabled[0])
-    if not vacation_active(vacation, now):
-        return
-    root = mime_email(raw)
-    sender = vacation_sender(root)
+        return None
+    vacation = VacationResponse.get_or_none(VacationResponse.pk == enabled[0])
+    if vacation is None or not vacation_active(vacation, now):
+        return None
+    sender = vacation_sender(facts.headers)
     try:
         if sender is not None:
             mime_write_address({"name": None, "email": sender})  # one we can write back to
     except ValueError:
         sender = None
-    why = vacation_refusal(root, sender, account_addresses(account_pk))
+    why = vacation_refusal(facts.headers, sender, account_addresses(account_pk))
     if why:
         log.getChild("vacation").info("no vacation reply: %s", why)
-        return
-    last = VacationSent.get_or_none((VacationSent.account_pk == account_pk)
-                                    & (VacationSent.sender == sender.lower()))
-    if last is not None and now - last.sent_at < VACATION_DAYS * 86400:
-        return  # RFC 3834 §2: not again to the same sender within the period
-    VacationSent.insert(account_pk=account_pk, sender=sender.lower(),
-                        sent_at=int(now)).on_conflict_replace().execute()
+        return None
+    if vacation_answered_lately(account_pk, sender, now):
+        return None  # checked again when queueing; here it saves writing a reply
     identity = Identity.select().where((Identity.account_pk == account_pk)
                                        & (Identity.destroyed == False)  # noqa: E712
                                        ).order_by(Identity.may_delete, Identity.pk).first()
     try:
-        reply = vacation_reply(vacation, root, identity, sender, now)
+        reply = vacation_reply(vacation, facts.headers, identity, sender, now)
     except (ValueError, TypeError, LookupError) as exc:  # a reply never costs the mail
         log.getChild("vacation").warning("no vacation reply to %s: %s", sender, exc)
-        return
+        return None
     sha, size = blob_store_bytes(data_dir, reply)
-    blob_add_ref(account_pk, sha, size, "outbox", now)
-    Outbox.create(account_pk=account_pk, sha256=sha, mail_from="",  # RFC 5230 §5.1: <>
-                  rcpts=json_dumps([[sender, {"NOTIFY": "NEVER"}]]),
+    return VacationPlan(sender, sha, size, vacation.updated_modseq)
+
+
+def vacation_answered_lately(account_pk: int, sender: str, now: float) -> bool:
+    last = VacationSent.get_or_none((VacationSent.account_pk == account_pk)
+                                    & (VacationSent.sender == sender.lower()))
+    return last is not None and now - last.sent_at < VACATION_DAYS * 86400
+
+
+def vacation_queue(account_pk: int, plan: VacationPlan, now: float) -> None:
+    """Queue a planned reply in the delivery's transaction, so it is durable exactly when
+    the mail is: unless the setting changed meanwhile or the sender had one lately."""
+    current = db.execute_sql("SELECT updated_modseq FROM vacation_response WHERE account_pk = ? "
+                             "AND is_enabled AND destroyed = 0", (account_pk,)).fetchone()
+    if current is None or current[0] != plan.setting_modseq:
+        return  # turned off or rewritten since the reply was made
+    if vacation_answered_lately(account_pk, plan.sender, now):
+        return  # RFC 3834 §2: not again to the same sender within the period
+    VacationSent.insert(account_pk=account_pk, sender=plan.sender.lower(),
+                        sent_at=int(now)).on_conflict_replace().execute()
+    blob_add_ref(account_pk, plan.sha, plan.size, "outbox", now)
+    Outbox.create(account_pk=account_pk, sha256=plan.sha, mail_from="",  # RFC 5230 §5.1: <>
+                  rcpts=json_dumps([[plan.sender, {"NOTIFY": "NEVER"}]]),
                   next_attempt_at=int(now), created_at=int(now))
-    log.getChild("vacation").info("vacation reply to %s queued", sender)
+    log.getChild("vacation").info("vacation reply to %s queued", plan.sender)
 
 
-def vacation_sender(root: MimePart) -> str | None:
+def vacation_sender(headers: list) -> str | None:
     """The envelope sender the MTA recorded in Return-Path; None for <> (a bounce).
 
     The topmost Return-Path is the final delivery's (RFC 5321 §4.4); older ones the
     message carried from elsewhere say nothing about this envelope."""
-    value = next((v for n, v in root.headers if n.lower() == "return-path"), None)
+    value = next((v for n, v in headers if n.lower() == "return-path"), None)
     if value is None:
         return None
     found = re.search(r"<([^<>\s]*)>", value) or re.search(r"(\S+@\S+)", value)
@@ -7169,20 +7497,23 @@ def vacation_sender(root: MimePart) -> str | None:
     return address if SEND_ADDRESS_RE.match(address) else None
 
 
-def vacation_refusal(root: MimePart, sender: str | None, owned: set) -> str | None:
+def vacation_refusal(headers: list, sender: str | None, owned: set) -> str | None:
     """Why this message must get no automatic reply (RFC 3834 §2, RFC 5230 §4.5), or None."""
+    def header(name):
+        return next((v for n, v in reversed(headers) if n.lower() == name), None)
+
     if sender is None:
         return "no envelope sender (a bounce, or no Return-Path)"
-    auto = root.header("auto-submitted")
+    auto = header("auto-submitted")
     if auto is not None and mime_strip_comments(_unfold(auto)).strip().lower() != "no":
         return "Auto-Submitted"
-    precedence = (root.header("precedence") or "").strip().lower()
+    precedence = (header("precedence") or "").strip().lower()
     if precedence in ("bulk", "list", "junk"):
         return f"Precedence: {precedence}"
-    if any(root.header(name) is not None for name in LIST_HEADERS):
+    if any(header(name) is not None for name in LIST_HEADERS):
         return "a mailing list message"
-    if "oof" in (root.header("x-auto-response-suppress") or "").lower() or \
-            "all" in (root.header("x-auto-response-suppress") or "").lower():
+    suppress = (header("x-auto-response-suppress") or "").lower()
+    if "oof" in suppress or "all" in suppress:
         return "X-Auto-Response-Suppress"
     if ROBOT_SENDER_RE.match(sender):
         return f"{sender} is an automated sender"
@@ -7190,7 +7521,7 @@ def vacation_refusal(root: MimePart, sender: str | None, owned: set) -> str | No
         return "mail from the account itself"
     named = set()
     for name in ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"):
-        for value in (v for n, v in root.headers if n.lower() == name):
+        for value in (v for n, v in headers if n.lower() == name):
             for address in mime_header_value(value, "Addresses"):
                 local, _, domain = (address["email"] or "").lower().rpartition("@")
                 named.add(f"{local.split('+')[0]}@{domain}")
@@ -7199,12 +7530,12 @@ def vacation_refusal(root: MimePart, sender: str | None, owned: set) -> str | No
     return None
 
 
-def vacation_reply(vacation: VacationResponse, root: MimePart, identity: Identity,
+def vacation_reply(vacation: VacationResponse, headers: list, identity: Identity,
                    sender: str, now: float) -> bytes:
     """The reply (RFC 3834 §3, RFC 5230 §5): Auto-Submitted, threaded to the original."""
     subject = vacation.subject
     if subject is None:
-        original = mime_header_property(root.headers, "header:Subject:asText")
+        original = mime_header_property(headers, "header:Subject:asText")
         subject = f"Auto: {original}" if original else "Automated reply"
     text, html = vacation.text_body, vacation.html_body
     if text is None:
@@ -7219,10 +7550,10 @@ def vacation_reply(vacation: VacationResponse, root: MimePart, identity: Identit
               ("Date", " " + mime_date_field(now)),
               ("Message-ID", " " + mime_new_message_id(identity.email)),
               ("Auto-Submitted", " auto-replied")]
-    message_ids = mime_header_property(root.headers, "header:Message-ID:asMessageIds") or []
+    message_ids = mime_header_property(headers, "header:Message-ID:asMessageIds") or []
     if message_ids:
-        references = mime_header_property(root.headers, "header:References:asMessageIds") or (
-            mime_header_property(root.headers, "header:In-Reply-To:asMessageIds") or [])[:1]
+        references = mime_header_property(headers, "header:References:asMessageIds") or (
+            mime_header_property(headers, "header:In-Reply-To:asMessageIds") or [])[:1]
         # RFC 5322 §3.6.4: the parent's References, else its In-Reply-To, then its id
         fields.append(("In-Reply-To", mime_write_value("MessageIds", message_ids[:1])))
         fields.append(("References", mime_write_value("MessageIds", references + message_ids[:1])))
@@ -7512,10 +7843,14 @@ class LmtpSession:
     def deliver_all(self, raw: bytes) -> list[str]:
         """Deliver to every recipient in one group commit; a reply for each."""
         replies, items, where = [], [], []
+        facts = email_analyse(raw)  # once for every recipient, before any transaction
+        now = self.app.clock.now()
         for address, account, detail in self.recipients:
             try:
                 deliver_check_space(self.app.cfg.data_dir, len(raw))
-                items.append((account.pk, raw, deliver_mailbox(account.pk, detail)))
+                plan = vacation_plan(self.app.cfg.data_dir, account.pk, facts, now)
+                items.append(Delivery(account.pk, raw, facts,
+                                      deliver_mailbox(account.pk, detail), plan))
                 where.append(len(replies))
                 replies.append(None)
             except DeliveryTemporaryError as exc:
@@ -7960,34 +8295,48 @@ def submission_record_replies(changes: ChangeLog, submission_pk: int, replies: d
     record_change(changes, "EmailSubmission", row, "updated")
 
 
-def submission_apply_report(changes: ChangeLog, account_pk: int, raw: bytes, sha: str) -> None:
-    """A DSN (RFC 3464) or MDN (RFC 8098) for mail we sent updates its EmailSubmission:
-    deliveryStatus delivered/displayed, dsnBlobIds/mdnBlobIds (RFC 8621 §7)."""
-    if b"multipart/report" not in mime_split(raw)[0].lower():
-        return  # not a report: no need to parse the message again
-    root = mime_email(raw)
+REPORT_KINDS = {"message/delivery-status": "dsn", "message/global-delivery-status": "dsn",
+                "message/disposition-notification": "mdn"}
+
+
+def submission_report_facts(root: MimePart) -> dict | None:
+    """What a delivery report says, read at analysis: {kind, blocks, message_ids}, or
+    None for a message that is no DSN (RFC 3464) or MDN (RFC 8098)."""
     if root.type != "multipart/report":
-        return
-    kinds = {"message/delivery-status": "dsn", "message/global-delivery-status": "dsn",
-             "message/disposition-notification": "mdn"}
-    report = next((p for p in mime_walk(root) if p.type in kinds), None)
+        return None
+    report = next((p for p in mime_walk(root) if p.type in REPORT_KINDS), None)
     if report is None:
-        return
+        return None
     blocks = [dict((n.lower(), _unfold(v).strip()) for n, v in mime_header_fields(block))
               for block in re.split(rb"\r?\n[ \t]*\r?\n", mime_decoded(report)) if block.strip()]
     if not blocks:
-        return
-    row = submission_for_report(account_pk, root, blocks[0])
+        return None
+    wanted = mime_message_ids(blocks[0].get("original-message-id", "")) or []
+    for part in mime_walk(root):  # the returned message's own Message-ID
+        if part.type in ("text/rfc822-headers", "message/rfc822", "message/global",
+                         "message/global-headers"):
+            fields = mime_header_fields(mime_split(mime_decoded(part))[0]
+                                        if part.type.startswith("message/")
+                                        else mime_decoded(part))
+            wanted += mime_header_property(fields, "header:Message-ID:asMessageIds") or []
+    return {"kind": REPORT_KINDS[report.type], "blocks": blocks, "message_ids": wanted}
+
+
+def submission_apply_report(changes: ChangeLog, account_pk: int, report: dict, sha: str) -> None:
+    """A DSN or MDN for mail we sent updates its EmailSubmission: deliveryStatus
+    delivered/displayed, dsnBlobIds/mdnBlobIds (RFC 8621 §7)."""
+    blocks, is_mdn = report["blocks"], report["kind"] == "mdn"
+    row = submission_for_report(account_pk, blocks[0], report["message_ids"])
     if row is None:
         return
     status = json.loads(row.delivery_status or "{}")
     by_lower = {address.lower(): address for address in status}
-    for block in blocks if kinds[report.type] == "mdn" else blocks[1:]:
+    for block in blocks if is_mdn else blocks[1:]:
         recipient = block.get("final-recipient") or block.get("original-recipient") or ""
         address = by_lower.get(recipient.partition(";")[2].strip().strip("<>").lower())
         if address is None:
             continue
-        if kinds[report.type] == "mdn":
+        if is_mdn:
             if "displayed" in block.get("disposition", "").lower():
                 status[address]["displayed"] = "yes"  # RFC 8621 §7 / RFC 8098 §3.2.6.2
             continue
@@ -8000,33 +8349,24 @@ def submission_apply_report(changes: ChangeLog, account_pk: int, raw: bytes, sha
         elif block.get("status"):
             code = {"2": "250", "4": "450", "5": "550"}.get(block["status"][:1], "250")
             status[address]["smtpReply"] = f"{code} {block['status']} {action or 'reported'}"
-    column = "dsn_blob_ids" if kinds[report.type] == "dsn" else "mdn_blob_ids"
+    column = "mdn_blob_ids" if is_mdn else "dsn_blob_ids"
     setattr(row, column, json_dumps(json.loads(getattr(row, column)) + [blob_id(sha)]))
     row.delivery_status = json_dumps(status)
     record_change(changes, "EmailSubmission", row, "updated")
 
 
-def submission_for_report(account_pk: int, root: MimePart, first: dict):
+def submission_for_report(account_pk: int, first: dict, message_ids: list):
     """The EmailSubmission a report is about: by ENVID, else by the returned Message-ID."""
     live = EmailSubmission.select().where((EmailSubmission.account_pk == account_pk)
                                           & (EmailSubmission.destroyed == False))  # noqa: E712
-    envid = first.get("original-envelope-id", "")
-    pk = pk_from_id("S", envid)
+    pk = pk_from_id("S", first.get("original-envelope-id", ""))
     if pk is not None:
         row = live.where(EmailSubmission.pk == pk).first()
         if row is not None:
             return row
-    wanted = mime_message_ids(first.get("original-message-id", "")) or []
-    for part in mime_walk(root):
-        if part.type in ("text/rfc822-headers", "message/rfc822", "message/global",
-                         "message/global-headers"):
-            fields = mime_header_fields(mime_split(mime_decoded(part))[0]
-                                        if part.type.startswith("message/")
-                                        else mime_decoded(part))
-            wanted += mime_header_property(fields, "header:Message-ID:asMessageIds") or []
-    if not wanted:
+    if not message_ids:
         return None
-    return live.where(EmailSubmission.message_id.in_(wanted)).order_by(
+    return live.where(EmailSubmission.message_id.in_(message_ids[:100])).order_by(
         EmailSubmission.pk.desc()).first()
 
 
