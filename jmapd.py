@@ -80,6 +80,7 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import binascii
+import contextlib
 import dataclasses
 import functools
 import getpass
@@ -108,6 +109,7 @@ import argon2
 import bottle
 import peewee
 import waitress
+import waitress.utilities
 
 # =============================================================================
 # 1.2 COMPATIBILITY SHIMS
@@ -132,11 +134,13 @@ def argon2_hasher(time_cost: int, memory_kib: int, parallelism: int) -> argon2.P
     )
 
 
-def waitress_server(app, *, sockets: list, threads: int, max_body: int):
+def waitress_server(app, *, sockets: list, threads: int, max_body: int, guard=None):
     """Create waitress servers on already-bound sockets, sharing one loop and thread pool.
 
     waitress (2.1 and 3.x) refuses TCP and Unix sockets in one server, so each socket
     gets its own server on a shared map and task dispatcher; the first is returned.
+    With a `guard` (section 13) every connection passes it: admission per address,
+    a deadline for request heads, refusals decided from the head alone.
     """
     channels: dict = {}
     first = None
@@ -150,40 +154,153 @@ def waitress_server(app, *, sockets: list, threads: int, max_body: int):
             channel_request_lookahead=1,  # lets a push stream learn that its client left
             ident="jmapd",
             channel_timeout=300,
+            cleanup_interval=1,  # maintenance() each second: the head deadline is checked there
+            connection_limit=HTTP_CONNECTION_LIMIT,
             max_request_body_size=max_body,
             # Our middleware (section 13) honours or strips X-Forwarded-* itself: waitress 3
             # would strip them all before it, and waitress 2.1 would pass them through.
             clear_untrusted_proxy_headers=False,
         )
+        if guard is not None:
+            waitress_guard_server(server, guard)
         first = first or server
     return first
 
 
-def waitress_jmap_body_limit() -> None:
-    """Make waitress refuse a body over its cap with the JMAP limit problem, not a bare 413.
+def waitress_guard_server(server, guard) -> None:
+    """Put a waitress server's connections under `guard`.
 
-    waitress answers such bodies itself (text/plain 413) before the app runs; its
+    waitress 2.1 and 3.x alike: handle_accept() calls server.channel_class(server, sock,
+    addr, adj, map=…); a channel makes each request's parser with parser_class(adj) and
+    feeds it with parser.received(data) -> octets consumed; the parser sets
+    headers_finished, completed, error, expect_continue; request.close() is called once
+    the request has been served; maintenance(now) runs every cleanup_interval.
+    """
+    from waitress.channel import HTTPChannel  # lazy: serve only
+    from waitress.parser import HTTPRequestParser
+
+    class GuardedParser(HTTPRequestParser):
+        channel = None
+        started = 0.0  # when the head's first octet came
+        charged = 0  # body octets counted against the unverified allowance
+
+        def received(self, data):
+            self.started = self.started or time.monotonic()
+            was_finished = self.headers_finished
+            consumed = HTTPRequestParser.received(self, data)
+            if self.headers_finished and not was_finished and self.error is None:
+                refusal = guard.check_head(self.channel, self)
+                if refusal is not None:
+                    self.error, self.completed, self.expect_continue = refusal, True, False
+                    self.channel.refusing = True
+                    return len(data)  # the body nobody will read is dropped unread
+            return consumed
+
+        def close(self):
+            guard.release_body(self)
+            HTTPRequestParser.close(self)
+
+    class GuardedChannel(HTTPChannel):
+        refusing = False  # a refusal was queued: what else arrives is dropped
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            HTTPChannel.__init__(self, server, sock, addr, adj, map=map)
+            self.parser_class = functools.partial(_guarded_parser, self)
+
+        def received(self, data):
+            if self.refusing:
+                return False
+            return HTTPChannel.received(self, data)
+
+        def del_channel(self, map=None):
+            HTTPChannel.del_channel(self, map)
+            guard.channel_closed(self)
+
+    def _guarded_parser(channel, adj):
+        parser = GuardedParser(adj)
+        parser.channel = channel
+        return parser
+
+    def admit(srv, sock, addr, adj, map=None):
+        admitted, key = guard.admit(addr)
+        if not admitted:
+            _refuse_socket(sock, guard.refusal_octets(503, "too many connections from your "
+                                                           "address; try again later"))
+            return None
+        channel = GuardedChannel(srv, sock, addr, adj, map=map)
+        channel.guard_key = key
+        return channel
+
+    plain_maintenance = server.maintenance
+
+    def maintenance(now):
+        plain_maintenance(now)
+        for channel in list(server.active_channels.values()):
+            if guard.overdue(channel):
+                channel.will_close = True
+
+    server.channel_class = admit
+    server.maintenance = maintenance
+
+
+def _refuse_socket(sock, octets: bytes) -> None:
+    try:
+        sock.setblocking(False)
+        sock.send(octets)  # a fresh connection's send buffer takes this at once
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def waitress_problem_errors() -> None:
+    """Answer what waitress refuses itself with RFC 7807 problem documents: an over-size
+    body with the JMAP limit problem, a malformed request with a plain problem, and the
+    early refusals of section 13 (EarlyRefusal) as they were made.
+
+    waitress answers such requests itself (text/plain) before the app runs; its
     ErrorTask.execute is the same in 2.1 and 3.x. Only `serve` installs this.
     """
     from waitress import task, utilities  # lazy: serve only
 
-    plain_execute = task.ErrorTask.execute
-
     def execute(self):
-        if not isinstance(self.request.error, utilities.RequestEntityTooLarge):
-            return plain_execute(self)
-        upload = (self.request.path or "").startswith("/jmap/upload")
-        name = "maxSizeUpload" if upload else "maxSizeRequest"
-        body = json_dumps({"type": PROBLEM_PREFIX + "limit", "status": 400, "limit": name,
-                           "detail": "the request body is larger than the server accepts"})
-        self.status = "400 Bad Request"
-        self.response_headers.append(("Content-Type", "application/problem+json"))
+        error = self.request.error
+        if isinstance(error, EarlyRefusal):
+            status, headers, body = error.status_line, list(error.headers), error.body
+        elif isinstance(error, utilities.RequestEntityTooLarge):
+            upload = (self.request.path or "").startswith("/jmap/upload")
+            name = "maxSizeUpload" if upload else "maxSizeRequest"
+            status, headers = "400 Bad Request", []
+            body = json_dumps({"type": PROBLEM_PREFIX + "limit", "status": 400, "limit": name,
+                               "detail": "the request body is larger than the server accepts"})
+        else:
+            code = getattr(error, "code", 400)
+            status, headers = f"{code} {getattr(error, 'reason', 'Bad Request')}", []
+            body = json_dumps({"type": "about:blank", "status": code,
+                               "detail": f"malformed request: {str(error.body)[:200]}"})
+        self.status = status
+        self.response_headers.extend(headers + [("Content-Type", PROBLEM_TYPE)])
         self.response_headers.append(("Connection", "close"))  # the body was not read
         self.close_on_finish = True
-        self.content_length = len(body.encode())
-        self.write(body.encode())
+        octets = body.encode()
+        self.content_length = len(octets)
+        self.write(octets)
 
     task.ErrorTask.execute = execute
+
+
+class EarlyRefusal(waitress.utilities.Error):
+    """An answer decided from a request's head alone (section 13), as waitress's error
+    type so that its ErrorTask sends it; rendered by waitress_problem_errors()."""
+
+    def __init__(self, status: int, reason: str, body: str, headers: tuple = ()):
+        self.code, self.reason, self.body = status, reason, body
+        self.status_line = f"{status} {reason}"
+        self.headers = headers
+
+    def to_response(self, ident=None):  # waitress's own rendering, should it ever be used
+        return self.status_line, list(self.headers) + [("Content-Type", PROBLEM_TYPE)], \
+            self.body.encode()
 
 
 def waitress_say_close() -> None:
@@ -232,7 +349,7 @@ def waitress_run_until(server, stopping: threading.Event, on_stop: Callable) -> 
     channels = getattr(server, "_map", None) or server.map
     deadline = None
     while True:
-        wasyncore.loop(timeout=0.2, map=channels, count=1)
+        wasyncore.loop(timeout=0.2, use_poll=True, map=channels, count=1)
         if not stopping.is_set():
             continue
         if deadline is None:
@@ -289,7 +406,7 @@ MAX_ID_LENGTH = 255  # RFC 8620 §1.2
 MAX_INT = 2**53 - 1  # RFC 8620 §1.3
 MAX_SORT_ORDER = 2**31 - 1  # RFC 8621 §2: sortOrder < 2^31
 MAX_FILTER_DEPTH = 10
-MAX_FILTER_CONDITIONS = 100
+MAX_FILTER_CONDITIONS = 100  # in a whole filter tree; more is unsupportedFilter (RFC 8620 §5.5)
 MAX_SORT_COMPARATORS = 10
 MAX_QUERY_LIMIT = 5000  # /query results per call; a larger limit is clamped (RFC 8620 §5.5)
 MAX_RESULT_REFERENCE_DEPTH = 32
@@ -297,6 +414,16 @@ CHANGES_HORIZON_DAYS_MIN = 30  # RFC 8620 §5.2 via the checklist: states up to 
 AUTH_CACHE_SECONDS = 120
 ARGON2_PARALLEL_CHECKS = 2  # password checks at once, 64 MiB each
 DRAIN_SECONDS = 30  # how long SIGTERM waits for requests in flight
+# What a client that has not (yet) proved who it is may cost (section 13, 12, 5):
+UNVERIFIED_BODY_PER_ADDRESS = 2 * 2**20  # request body octets in flight from one address
+UNVERIFIED_BODY_TOTAL = 16 * 2**20  # … and from everyone
+UNVERIFIED_BODY_SECONDS = 60  # such a body arrives within this, or the connection closes
+HTTP_CONNECTION_LIMIT = 512  # connections the HTTP listener holds at once, in all
+WS_MAX_PENDING_PER_ADDRESS = 4  # WebSocket connections not yet through their handshake
+WS_MAX_PENDING = 16
+NEW_ADDRESS_GUESSES = 3  # an hour, from a new address, for a user over its failure limit
+KNOWN_ADDRESS_DAYS = 30  # an address that logged in as a user stays known this long
+LIMITER_MAX_KEYS = 100_000  # failure counters kept; the least used go first
 COLLATIONS = ("i;unicode-casemap", "i;ascii-casemap", "i;octet")
 
 # IANA "IMAP Mailbox Name Attributes" that are roles (RFC 8621 §2, RFC 8457).
@@ -454,8 +581,10 @@ def parse_ijson(raw: bytes):
             text, object_pairs_hook=_no_duplicate_names, parse_constant=_no_constants,
             parse_float=_ijson_float,
         )
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise NotIJson(str(exc)) from exc
+    except NotIJson:
+        raise
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer too long to read
+        raise NotIJson(str(exc)[:200]) from exc
     if "\\u" in text or NOT_IJSON_CHARS.search(text):
         _ijson_check_strings(value)  # only escapes or raw noncharacters can smuggle them in
     return value
@@ -527,9 +656,10 @@ def logging_setup(level: str) -> None:
         fmt = "%(asctime)s " + fmt
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt))
-    log.handlers[:] = [handler]
-    log.setLevel(level.upper())
-    log.propagate = False
+    for logger in (log, logging.getLogger("waitress")):  # waitress's own lines too
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
 
 
 # =============================================================================
@@ -586,6 +716,23 @@ def conv_test_now(text: str) -> float:
     return parse_utc_date(text)
 
 
+def conv_network(text: str) -> str:
+    """An IP address or network (10.0.0.0/8, ::1); one line that says what is wrong."""
+    import ipaddress  # lazy: only options that name networks
+
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network") from None
+
+
+def conv_seconds(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 3600:
+        raise ValueError("between 1 and 3600 seconds")
+    return value
+
+
 def conv_level(text: str) -> str:
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("one of debug, info, warning, error")
@@ -640,8 +787,13 @@ OPTIONS = (
     Opt("--smtp-give-up-hours", 120, conv_positive, "stop retrying a message after this long"),
     Opt("--max-delayed-send", 7 * 86400, conv_positive,
         "maxDelayedSend: longest FUTURERELEASE hold in seconds"),
-    Opt("--trusted-proxy", (), str, "addresses whose X-Forwarded-For/-Proto/-Host are honoured",
-        nargs="+"),
+    Opt("--trusted-proxy", (), conv_network,
+        "addresses or networks whose X-Forwarded-For/-Proto/-Host are honoured", nargs="+"),
+    Opt("--max-connections-per-address", 32, conv_positive,
+        "HTTP connections one client address may hold (IPv6: per /64; proxies exempt)"),
+    Opt("--head-timeout", 10, conv_seconds,
+        "seconds a client has to send a whole request head once it has begun"),
+    Opt("--max-lmtp-connections", 20, conv_positive, "LMTP connections at once"),
     Opt("--threads", 8, conv_positive, "waitress worker threads"),
     Opt("--max-size-upload", 50_000_000, conv_positive, "maxSizeUpload in octets"),
     Opt("--max-concurrent-upload", 4, conv_positive, "maxConcurrentUpload"),
@@ -651,8 +803,8 @@ OPTIONS = (
     Opt("--max-objects-in-get", 500, conv_positive, "maxObjectsInGet"),
     Opt("--max-objects-in-set", 500, conv_positive, "maxObjectsInSet"),
     Opt("--changes-horizon-days", 60, conv_horizon, "keep destroyed-record tombstones this long"),
-    Opt("--max-push-connections", 2, conv_positive,
-        "EventSource streams one user may hold open (each holds a worker thread)"),
+    Opt("--max-push-connections", 8, conv_positive,
+        "EventSource streams (and WebSockets) one user may hold open"),
     Opt("--max-login-failures-per-address", 10, conv_positive,
         "failed logins from one address per 15 minutes before it must wait"),
     Opt("--max-login-failures-per-user", 30, conv_positive,
@@ -708,7 +860,10 @@ class Config:
     smtp_retry_seconds: int = 60
     smtp_give_up_hours: int = 120
     max_delayed_send: int = 7 * 86400
-    max_push_connections: int = 2
+    max_push_connections: int = 8
+    max_connections_per_address: int = 32
+    head_timeout: int = 10
+    max_lmtp_connections: int = 20
     max_login_failures_per_address: int = 10
     max_login_failures_per_user: int = 30
     label: str | None = None
@@ -1481,10 +1636,16 @@ def _migration_9_push_state(database) -> None:
     database.execute_sql("ALTER TABLE push_subscription ADD COLUMN pushed_state TEXT")
 
 
-def _migration_10_search_version(database) -> None:
+def _migration_10_search_version_login_addresses(database) -> None:
     # Mail indexed before: version 1 (an older text extraction; see SEARCH_VERSION).
     database.execute_sql("ALTER TABLE email ADD COLUMN search_version INTEGER NOT NULL "
                          "DEFAULT 1")
+    database.execute_sql(  # where each user logged in from (LoginLimiter.known)
+        """CREATE TABLE login_address (
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE,
+            address TEXT NOT NULL,
+            last_at INTEGER NOT NULL,
+            PRIMARY KEY (account_pk, address)) WITHOUT ROWID""")
 
 
 MIGRATIONS = (
@@ -1497,7 +1658,8 @@ MIGRATIONS = (
     (7, "submission queue", _migration_7_submission),
     (8, "push subscriptions", _migration_8_push_subscriptions),
     (9, "push subscription state", _migration_9_push_state),
-    (10, "search extraction version", _migration_10_search_version),
+    (10, "search extraction version, login addresses",
+     _migration_10_search_version_login_addresses),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1883,41 +2045,93 @@ class TooManyFailures(Exception):
         self.retry_after = retry_after
 
 
-class LoginLimiter:
-    """Count failed logins per client address and per username over a sliding window."""
+@functools.lru_cache(maxsize=4096)
+def client_address_key(address: str) -> str:
+    """The unit per-address limits count: an IPv4 address, or an IPv6 address's /64
+    (one host or home network gets a /64, so counting single addresses counts nothing)."""
+    import ipaddress  # lazy: only limits need it
 
-    def __init__(self, per_address: int, per_user: int):
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address  # "local" (the Unix socket) and the like
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class LoginLimiter:
+    """Slow password guessing down without letting a stranger lock the owner out.
+
+    Failures count per client address (IPv6: per /64) and per username over a sliding
+    window. An address over its limit is refused outright. A user over its limit (some
+    one is guessing) stays reachable from the addresses that logged in as them lately
+    (`known`: the owner's devices), where a wrong password is then answered 429; any
+    other address gets NEW_ADDRESS_GUESSES an hour. Counters beyond LIMITER_MAX_KEYS go
+    fewest failures first, never all at once, so a flood of new keys cannot wipe the
+    count of an address or user under attack."""
+
+    GUESS_WINDOW_SECONDS = 3600
+
+    def __init__(self, per_address: int, per_user: int, known: Callable | None = None):
         self.limits = {"address": per_address, "user": per_user}
+        self.known = known or (lambda username, address: False)
         self.failures: dict[tuple, list[float]] = {}
         self.failures_lock = threading.Lock()
 
-    def check(self, address: str, username: str | None) -> None:
-        """Raise TooManyFailures if either key is over its limit."""
+    def check(self, address: str, username: str | None) -> bool:
+        """Raise TooManyFailures, or return whether a failure now must be answered 429
+        (the user is over its limit and this address is one of theirs)."""
         now = time.monotonic()
+        where = ("address", client_address_key(address))
         with self.failures_lock:
-            for key in self._keys(address, username):
-                recent = self._recent(key, now)
-                if len(recent) >= self.limits[key[0]]:
-                    raise TooManyFailures(int(recent[0] + LOGIN_WINDOW_SECONDS - now) + 1)
+            self._refuse_if_over(self._recent(where, now), self.limits["address"], now)
+            if not username or len(self._recent(("user", username), now)) < self.limits["user"]:
+                return False
+        if self.known(username, address):  # a database read: outside the lock
+            return True
+        guesses_key = ("guess", username, where[1])
+        with self.failures_lock:
+            guesses = self._recent(guesses_key, now, self.GUESS_WINDOW_SECONDS)
+            self._refuse_if_over(guesses, NEW_ADDRESS_GUESSES, now, self.GUESS_WINDOW_SECONDS)
+            self.failures[guesses_key] = guesses + [now]
+        return False
 
     def fail(self, address: str, username: str | None) -> None:
         now = time.monotonic()
         with self.failures_lock:
-            if len(self.failures) > 100_000:
-                self.failures.clear()  # bound memory under a flood of distinct keys
-            for key in self._keys(address, username):
-                self._recent(key, now).append(now)
+            keys = [("address", client_address_key(address))]
+            keys += [("user", username)] if username else []
+            for key in keys:
+                self.failures[key] = self._recent(key, now) + [now]
+            if len(self.failures) > LIMITER_MAX_KEYS:
+                self._evict(now)
 
-    def _keys(self, address, username):
-        keys = [("address", address)]
-        if username:
-            keys.append(("user", username))
-        return keys
+    def _recent(self, key, now, window=LOGIN_WINDOW_SECONDS) -> list[float]:
+        return [t for t in self.failures.get(key, ()) if t > now - window]
 
-    def _recent(self, key, now) -> list[float]:
-        recent = [t for t in self.failures.get(key, []) if t > now - LOGIN_WINDOW_SECONDS]
-        self.failures[key] = recent
-        return recent
+    @staticmethod
+    def _refuse_if_over(recent: list, limit: int, now: float,
+                        window=LOGIN_WINDOW_SECONDS) -> None:
+        if len(recent) >= limit:
+            raise TooManyFailures(int(recent[0] + window - now) + 1)
+
+    def _evict(self, now: float) -> None:
+        """Forget what has expired, then the counters with the fewest failures, down to
+        nine tenths of the bound (so this runs once per many failures, not each one)."""
+        live = {}
+        for key, times in self.failures.items():
+            window = self.GUESS_WINDOW_SECONDS if key[0] == "guess" else LOGIN_WINDOW_SECONDS
+            recent = [t for t in times if t > now - window]
+            if recent:
+                live[key] = recent
+        keep = LIMITER_MAX_KEYS * 9 // 10
+        if len(live) > keep:
+            ranked = sorted(live, key=lambda k: (len(live[k]), live[k][-1]), reverse=True)
+            live = {key: live[key] for key in ranked[:keep]}
+        self.failures = live
 
 
 class Authenticator:
@@ -1925,8 +2139,12 @@ class Authenticator:
 
     The cache key is an HMAC of the credentials under a per-process key; a hit still
     checks that the stored hash is unchanged, so `user passwd` and `user token revoke`
-    (even from another process) take effect at once.
+    (even from another process) take effect at once. Refusals are logged in one fixed
+    format (README: fail2ban), at most LOG_PER_MINUTE lines a minute.
     """
+
+    LOG_PER_MINUTE = 30
+    BACKGROUND_CHECKS = 4
 
     def __init__(self, cheap: bool, clock: Clock, limiter: LoginLimiter | None = None):
         self.hasher = argon2_hasher(*(ARGON2_CHEAP if cheap else ARGON2_PI))
@@ -1938,6 +2156,10 @@ class Authenticator:
         # Each check takes 64 MiB: a burst of logins waits its turn instead of taking
         # the memory of a Pi (HTTP workers and WebSocket handshakes share this).
         self.verify_slots = threading.BoundedSemaphore(ARGON2_PARALLEL_CHECKS)
+        self.verified: dict[bytes, float] = {}  # credentials that got in lately (listener)
+        self.remembered: dict[tuple, float] = {}  # (account, address) last written
+        self.background = 0
+        self.log_window = [0.0, 0, 0]  # minute start, lines logged, lines left out
 
     @functools.cached_property
     def dummy_hash(self) -> str:
@@ -1949,33 +2171,123 @@ class Authenticator:
 
     def check_header(self, header: str, address: str) -> Account | None:
         """Return the account an Authorization header proves, or None (Basic or Bearer)."""
-        scheme, _, credentials = header.partition(" ")
-        credentials = credentials.strip()
-        if scheme.lower() == "bearer":
-            return self.check_credentials(None, credentials, address)
-        if scheme.lower() != "basic":
+        pair = auth_credentials(header)
+        if pair is None:
+            if header:
+                self.log_refusal(address, None, "malformed credentials")
             return None
-        try:
-            decoded = base64.b64decode(credentials.encode("ascii"), validate=True).decode("utf-8")
-        except (ValueError, UnicodeError):
-            return None
-        username, sep, password = decoded.partition(":")
-        if not sep:
-            return None
-        return self.check_credentials(username.strip().lower(), password, address)
+        return self.check_credentials(pair[0], pair[1], address)
 
     def check_credentials(self, username: str | None, secret: str, address: str):
         """Verify a username and password or app password (username None: a Bearer token)."""
-        key = hmac.new(self.cache_key, f"{username}\0{secret}".encode(), "sha256").digest()
+        key = self._key(username, secret)
         # The limiter comes first: else, once over the limit, a guess that matches a
         # cached credential (200) could still be told from one that does not (429).
-        self.limiter.check(address, username)
+        try:
+            strict = self.limiter.check(address, username)
+        except TooManyFailures:
+            self.log_refusal(address, username, "too many failed logins", refused=True)
+            raise
         account = self._cached(key)
-        if account is not None:
-            return account
+        if account is None:
+            account = self._verify_and_cache(key, username, secret)
+        if account is None:
+            self.limiter.fail(address, username)
+            self.log_refusal(address, username, "wrong password or unknown user")
+            if strict:  # the user is being guessed at: a wrong password waits too
+                raise TooManyFailures(LOGIN_WINDOW_SECONDS)
+            return None
+        with self.cache_lock:
+            self.verified.pop(key, None)
+            self.verified[key] = time.monotonic()
+            if len(self.verified) > 10_000:
+                del self.verified[next(iter(self.verified))]
+        self.remember_address(account, address)
+        return account
+
+    def recently_verified(self, header: str) -> bool:
+        """Whether these credentials got in within KNOWN_ADDRESS_DAYS (cheap: no hashing,
+        no database; the listener asks before it spools a body)."""
+        pair = auth_credentials(header)
+        if pair is None:
+            return False
+        with self.cache_lock:
+            when = self.verified.get(self._key(*pair))
+        return when is not None and time.monotonic() - when < KNOWN_ADDRESS_DAYS * 86400
+
+    def verify_later(self, header: str, address: str) -> None:
+        """Check credentials in the background (a request was refused before its body
+        was read), so that the client's next try is known; a few at a time at most."""
+        with self.cache_lock:
+            if self.background >= self.BACKGROUND_CHECKS:
+                return
+            self.background += 1
+
+        def run():
+            try:
+                self.check_header(header, address)
+            except (TooManyFailures, peewee.OperationalError):
+                pass
+            finally:
+                with self.cache_lock:
+                    self.background -= 1
+
+        threading.Thread(target=run, daemon=True, name="auth-check").start()
+
+    def remember_address(self, account: Account, address: str) -> None:
+        """Record that the user logged in from this address (LoginLimiter.known); at most
+        once a day per address, so logging in stays free of writes."""
+        key = (account.pk, client_address_key(address))
+        with self.cache_lock:
+            last = self.remembered.get(key)
+            if last is not None and time.monotonic() - last < 86400:
+                return
+            if len(self.remembered) > 10_000:
+                self.remembered.clear()  # only a write throttle: nothing is forgotten
+            self.remembered[key] = time.monotonic()
+        try:
+            db.execute_sql(
+                "INSERT INTO login_address (account_pk, address, last_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (account_pk, address) DO UPDATE SET last_at = excluded.last_at",
+                (account.pk, key[1], int(self.clock.now())))
+        except peewee.OperationalError:
+            with self.cache_lock:
+                self.remembered.pop(key, None)  # busy: written next time
+
+    def known_address(self, username: str, address: str) -> bool:
+        """Whether the user logged in from this address within KNOWN_ADDRESS_DAYS."""
+        row = db.execute_sql(
+            "SELECT la.last_at FROM login_address la JOIN account a ON a.pk = la.account_pk "
+            "WHERE a.username = ? AND la.address = ?",
+            (username, client_address_key(address))).fetchone()
+        return row is not None and self.clock.now() - row[0] < KNOWN_ADDRESS_DAYS * 86400
+
+    def log_refusal(self, address: str, username: str | None, reason: str,
+                    refused: bool = False) -> None:
+        """One line per refused login, in the format the README's fail2ban filter reads;
+        beyond LOG_PER_MINUTE a minute, a count of the lines left out instead."""
+        now = time.monotonic()
+        with self.cache_lock:
+            start, logged, left_out = self.log_window
+            if now - start >= 60:
+                self.log_window = [now, 0, 0]
+                if left_out:
+                    log.getChild("auth").warning("%d more refused logins were not logged",
+                                                 left_out)
+            if self.log_window[1] >= self.LOG_PER_MINUTE:
+                self.log_window[2] += 1
+                return
+            self.log_window[1] += 1
+        who = repr(username) if username else "an app password"
+        log.getChild("auth").warning("login %s from %s for %s: %s",
+                                     "refused" if refused else "failed", address, who, reason)
+
+    def _key(self, username: str | None, secret: str) -> bytes:
+        return hmac.new(self.cache_key, f"{username}\0{secret}".encode(), "sha256").digest()
+
+    def _verify_and_cache(self, key: bytes, username, secret) -> Account | None:
         found = self._verify_uncached(username, secret)
         if found is None:
-            self.limiter.fail(address, username)
             return None
         account, token_pk, stored_hash = found
         with self.cache_lock:
@@ -2034,6 +2346,23 @@ class Authenticator:
                 return self.hasher.verify(stored_hash, password)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
             return False
+
+
+def auth_credentials(header: str) -> tuple[str | None, str] | None:
+    """(username or None, secret) from an Authorization header: Basic user:password
+    (the username folded to lower case) or Bearer token; None if it is neither."""
+    scheme, _, credentials = (header or "").partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        return (None, credentials) if credentials else None
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.encode("ascii"), validate=True).decode("utf-8")
+    except (ValueError, UnicodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    return (username.strip().lower(), password) if sep else None
 
 
 def auth_still_valid(account: Account) -> bool:
@@ -2317,10 +2646,13 @@ def engine_run(app, user: Account, raw_body: bytes, content_type: str = "applica
     using = frozenset(request["using"])
     created_ids = dict(request.get("createdIds") or {})
     responses: list = []
+    # What references copy from earlier results counts against maxSizeRequest too: else
+    # a small request doubling its own echo a dozen times asks for gigabytes.
+    budget = [app.cfg.max_size_request]
     for name, raw_args, call_id in request["methodCalls"]:
         ctx = Call(app, user, using, created_ids, method=name, call_id=call_id)
         try:
-            args = resolve_references(raw_args, responses)
+            args = resolve_references(raw_args, responses, budget)
             output = engine_call(ctx, name, args)
         except MethodError as exc:
             responses.append(["error", exc.as_json(), call_id])
@@ -2333,8 +2665,12 @@ def engine_run(app, user: Account, raw_body: bytes, content_type: str = "applica
     return response
 
 
-def resolve_references(raw_args: dict, responses: list) -> dict:
-    """Replace `#name` result references with their values (RFC 8620 §3.7)."""
+def resolve_references(raw_args: dict, responses: list, budget: list | None = None) -> dict:
+    """Replace `#name` result references with their values (RFC 8620 §3.7).
+
+    budget[0] is what the request's references may still copy, in JSON octets; a call
+    whose values would pass it gets invalidArguments (a request-level error is too late
+    once calls have run, RFC 8620 §3.6.1)."""
     args = {}
     for key, value in raw_args.items():
         if not key.startswith("#"):
@@ -2344,7 +2680,33 @@ def resolve_references(raw_args: dict, responses: list) -> dict:
         if plain in raw_args:
             raise MethodError("invalidArguments", f"both {plain!r} and {key!r} given")
         args[plain] = _resolve_one(value, responses)
+        if budget is not None:
+            budget[0] -= json_size(args[plain], budget[0] + 1)
+            if budget[0] < 0:
+                raise MethodError("invalidArguments", "the values result references copy in "
+                                  "this request add up to more than maxSizeRequest")
     return args
+
+
+def json_size(value, stop_after: int) -> int:
+    """The size of a value as JSON, in octets (close enough: escapes are not counted),
+    counted only until it passes stop_after, so a huge value costs no more than that."""
+    size, stack = 0, [value]
+    while stack and size <= stop_after:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += 2 + (len(item) if item.isascii() else len(item.encode("utf-8", "replace")))
+        elif isinstance(item, dict):
+            size += 1 + len(item) * 2
+            for key, member in item.items():
+                size += 2 + len(key)
+                stack.append(member)
+        elif isinstance(item, list):
+            size += 1 + len(item)
+            stack.extend(item)
+        else:
+            size += 5 if item is None or isinstance(item, bool) else len(repr(item))
+    return size
 
 
 def _resolve_one(ref, responses: list):
@@ -3384,35 +3746,62 @@ def query_results(spec: TypeSpec, ctx: Call, args: dict):
     return spec.query_order(ctx, args, query.tuples().iterator())
 
 
-def filter_expression(spec: TypeSpec, ctx: Call, raw_filter: dict, depth: int):
-    """Turn a FilterOperator or FilterCondition into a SQL expression (RFC 8620 §5.5)."""
-    if depth > MAX_FILTER_DEPTH:
-        raise MethodError("invalidArguments", "filter nested too deeply")
+def filter_expression(spec: TypeSpec, ctx: Call, raw_filter: dict, depth: int = 0):
+    """Turn a FilterOperator or FilterCondition into a SQL expression (RFC 8620 §5.5).
+
+    The tree may hold MAX_FILTER_CONDITIONS conditions in all (more is unsupportedFilter);
+    each operator's operands are joined flat, so SQLite's parser never sees a hundred
+    nested levels for a hundred conditions."""
+    if depth == 0 and _filter_conditions(raw_filter, 0) > MAX_FILTER_CONDITIONS:
+        raise MethodError("unsupportedFilter",
+                          f"more than {MAX_FILTER_CONDITIONS} conditions in one filter")
     if "operator" in raw_filter:
         operator, conditions = raw_filter["operator"], raw_filter.get("conditions")
         if operator not in ("AND", "OR", "NOT") or not isinstance(conditions, list):
             raise MethodError("invalidArguments", "a FilterOperator needs operator and conditions")
-        if len(conditions) > MAX_FILTER_CONDITIONS:
-            raise MethodError("invalidArguments", "too many filter conditions")
         parts = []
         for condition in conditions:
             if not isinstance(condition, dict):
                 raise MethodError("invalidArguments", "a filter condition must be an object")
             parts.append(filter_expression(spec, ctx, condition, depth + 1))
         if operator == "AND":
-            return functools.reduce(lambda a, b: a & b, parts, peewee.SQL("1"))
-        either = functools.reduce(lambda a, b: a | b, parts, peewee.SQL("0"))
-        return either if operator == "OR" else ~either  # NOT: none of them match
-    expression = peewee.SQL("1")
+            return _sql_joined(parts, " AND ", "1")
+        either = _sql_joined(parts, " OR ", "0")
+        return either if operator == "OR" else peewee.NodeList((peewee.SQL("NOT"), either))
+    parts = []
     for name, value in raw_filter.items():
         make = spec.filters.get(name)
         if make is None:
             raise MethodError("unsupportedFilter", f"cannot filter on {name!r}")
         try:
-            expression &= peewee.fn.COALESCE(make(ctx, value), 0)  # NOT of NULL is NULL
+            parts.append(peewee.fn.COALESCE(make(ctx, value), 0))  # NOT of NULL is NULL
         except ValueError as exc:
             raise MethodError("invalidArguments", f"filter {name}: {exc}") from exc
-    return expression
+    return _sql_joined(parts, " AND ", "1")
+
+
+def _sql_joined(parts: list, glue: str, empty: str):
+    if not parts:
+        return peewee.SQL(empty)
+    return peewee.NodeList(parts, glue=glue, parens=True)
+
+
+def _filter_conditions(raw_filter, depth: int) -> int:
+    """How many conditions a filter tree holds (each property of a FilterCondition is
+    one); refuse one nested deeper than MAX_FILTER_DEPTH."""
+    if depth > MAX_FILTER_DEPTH:
+        raise MethodError("invalidArguments", "filter nested too deeply")
+    if not isinstance(raw_filter, dict):
+        return 0
+    conditions = raw_filter.get("conditions")
+    if "operator" in raw_filter and isinstance(conditions, list):
+        total = 0
+        for condition in conditions:
+            total += _filter_conditions(condition, depth + 1)
+            if total > MAX_FILTER_CONDITIONS:
+                break  # enough to refuse: the rest need not be counted
+        return total
+    return len(raw_filter)
 
 
 def sort_order(spec: TypeSpec, comparators: list) -> list:
@@ -3648,6 +4037,46 @@ def push_state_changes(before: dict, after: dict, types) -> dict:
 
 
 KEEPALIVE_S = 5  # with ping=0, an SSE comment now and then shows a closed client
+
+
+class EventStreams:
+    """The EventSource streams each user has open, against --max-push-connections.
+
+    A stream whose client has gone gives its place up at once when another asks (a
+    browser reloading a tab would else get a refusal, which EventSource never retries);
+    a live stream is never ended to make room. A request that finds no place waits a
+    moment for a leaving client to be noticed."""
+
+    ADMIT_WAIT_S = 1.0
+
+    def __init__(self):
+        self.open_lock = threading.Condition()
+        self.open: dict[int, list] = {}
+
+    def admit(self, user: Account, gone: Callable, limit: int):
+        """A ticket for a new stream, or None when the user's streams are all live."""
+        deadline = time.monotonic() + self.ADMIT_WAIT_S
+        with self.open_lock:
+            while True:
+                tickets = [t for t in self.open.get(user.pk, []) if not t.gone()]
+                if len(tickets) < limit:
+                    ticket = SimpleNamespace(gone=gone)
+                    self.open[user.pk] = tickets + [ticket]
+                    return ticket
+                self.open[user.pk] = tickets
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.open_lock.wait(min(0.05, remaining))
+
+    def leave(self, user: Account, ticket) -> None:
+        with self.open_lock:
+            tickets = [t for t in self.open.get(user.pk, []) if t is not ticket]
+            if tickets:
+                self.open[user.pk] = tickets
+            else:
+                self.open.pop(user.pk, None)
+            self.open_lock.notify_all()
 
 
 def push_event_stream(app, user: Account, types, close_after_state: bool, ping_s: int,
@@ -5325,8 +5754,10 @@ class MailboxType(TypeSpec):
         height = self._height(ctx, row.pk) if row is not None else 1
         if self._depth(parent_pk) + height > MAX_MAILBOX_DEPTH:
             raise invalid_properties(["parentId"], f"deeper than {MAX_MAILBOX_DEPTH} levels")
-        if self._sibling_named(ctx, parent_pk, values["name"], row, ctx.pending):
-            raise invalid_properties(["name"], "a sibling Mailbox has this name")
+        sibling = self._sibling_named(ctx, parent_pk, values["name"], row, ctx.pending)
+        if sibling is not None:  # RFC 8620 §5.3 alreadyExists: the common SetError for this
+            raise SetError("alreadyExists", "a sibling Mailbox has this name",
+                           existingId=self.id_of(sibling.pk), properties=["name"])
         if values["role"] is not None:
             clash = self.live(ctx).where(Mailbox.role == values["role"])
             if row is not None:
@@ -5349,8 +5780,8 @@ class MailboxType(TypeSpec):
             threads, before = pending
             mailbox_apply_counts(ctx.changes, before, thread_counts_sum(threads))
 
-    def _sibling_named(self, ctx, parent_pk, name, row, pending) -> bool:
-        """Tell whether another Mailbox under the parent has the name and keeps it.
+    def _sibling_named(self, ctx, parent_pk, name, row, pending):
+        """Another Mailbox under the parent that has the name and keeps it, or None.
 
         A sibling that a later update in the same call renames, moves or destroys does
         not count (RFC 8620 §5.3: A -> B and B -> A in one call); validate_final()
@@ -5361,9 +5792,8 @@ class MailboxType(TypeSpec):
         ).where(Mailbox.name == name)
         if row is not None:
             siblings = siblings.where(Mailbox.pk != row.pk)
-        return any(
-            not pending.get(s.pk, set()) & {"name", "parentId", "*"} for s in siblings
-        )
+        return next((s for s in siblings
+                     if not pending.get(s.pk, set()) & {"name", "parentId", "*"}), None)
 
     def validate_final(self, ctx):
         clash = (
@@ -7725,7 +8155,11 @@ class LmtpSession:
             if too_long:
                 self.reply("500 5.5.2 line too long")
                 continue
-            verb, _, rest = line.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+            command = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+            if b"\r" in command or b"\n" in command or b"\0" in command:
+                self.reply("501 5.5.2 CR, LF and NUL have no place in a command")
+                continue  # else a bare CR would reach Return-Path (RFC 5321 §2.3.8)
+            verb, _, rest = command.decode("utf-8", "replace").partition(" ")
             if verb.upper() == "QUIT":
                 self.reply("221 2.0.0 bye")
                 return
@@ -7794,6 +8228,8 @@ class LmtpSession:
                 self.reply("451 4.3.0 temporary trouble, try again")
                 return
             if found is None:
+                log.getChild("lmtp").warning("recipient %r refused (no such user) for %s",
+                                             match.group(1), self.peer)
                 self.reply("550 5.1.1 no such user here")
                 return
             self.recipients.append((match.group(1), *found))
@@ -7819,16 +8255,18 @@ class LmtpSession:
         when the connection ended first: then nothing is delivered.
         """
         lines, size, limit, problem = [], 0, self.app.cfg.max_size_upload, None
+        after_crlf = True  # the DATA command's own line end
         while True:
             line, too_long = self.read_line()
             if line is None:
                 return None, None
-            if line == b".\r\n":  # only CRLF.CRLF ends it (RFC 5321 §4.1.1.4)
-                break
+            if line == b".\r\n" and after_crlf:
+                break  # only CRLF.CRLF ends it (RFC 5321 §4.1.1.4): LF.CRLF does not
+            after_crlf = line.endswith(b"\r\n")
             if too_long:
                 problem = "500 5.5.2 a line of the message is too long"
-            if line.startswith(b"."):
-                line = line[1:]
+            if line.startswith(b".") and line not in (b".\r\n", b".\n"):
+                line = line[1:]  # RFC 5321 §4.5.2: only a period with more on its line
             size += len(line)
             if size <= limit:
                 lines.append(line)
@@ -7876,13 +8314,21 @@ def lmtp_start(app, sockets: list) -> list:
     """Serve LMTP on already-bound sockets, one thread per connection; return the servers."""
     import socketserver  # lazy: serve with --lmtp only
 
+    sessions = Allowance(app.cfg.max_lmtp_connections, app.cfg.max_lmtp_connections)
+
     class Handler(socketserver.StreamRequestHandler):
         timeout = LMTP_TIMEOUT_S
 
         def handle(self):
             peer = self.client_address[0] if isinstance(self.client_address, tuple) else "local"
+            if not sessions.enter(None):
+                log.getChild("lmtp").warning("connection from %s refused: %d open "
+                                             "(--max-lmtp-connections)", peer, sessions.total)
+                self.wfile.write(b"421 4.3.2 too many connections; try again later\r\n")
+                return
             try:
-                LmtpSession(app, self.rfile, self.wfile, str(peer)).run()
+                with sessions.held(None):
+                    LmtpSession(app, self.rfile, self.wfile, str(peer)).run()
             except (OSError, socket.timeout, ConnectionError) as exc:
                 log.getChild("lmtp").info("connection from %s ended: %s", peer, exc)
 
@@ -8062,9 +8508,11 @@ def submission_prepare(ctx: Call, values: dict) -> None:
     senders = submission_header_addresses(root, "from")
     if not senders:
         raise SetError("invalidEmail", "the message has no From address", properties=["from"])
+    senders += submission_header_addresses(root, "sender")  # RFC 8621 §7.5: Sender too
     if any((a["email"] or "").lower() not in owned for a in senders):
         raise SetError("forbiddenFrom", "this account may not send as "
-                       + ", ".join(a["email"] or "?" for a in senders))
+                       + ", ".join(a["email"] or "?" for a in senders
+                                   if (a["email"] or "").lower() not in owned))
     envelope = values["envelope"]
     if envelope is None:
         envelope = submission_envelope(root, identity)
@@ -8709,7 +9157,8 @@ def ws_authenticate(app, sock, headers: dict, params: dict, environ: dict):
     except TooManyFailures as exc:
         return ws_refuse(sock, 429, "too many failed logins", {"Retry-After": str(exc.retry_after)})
     if user is None:
-        return ws_refuse(sock, 401, "authentication required",
+        detail = "the credentials were refused" if authorization else "authentication required"
+        return ws_refuse(sock, 401, detail,
                          {"WWW-Authenticate": 'Basic realm="jmapd", charset="UTF-8"'})
     return user
 
@@ -8866,33 +9315,92 @@ def ws_start(app, sockets: list) -> list:
 def ws_connection(app, sock: socket.socket, peer: str) -> None:
     """Handshake, limits, then the session until either side closes.
 
-    A connection counts against --max-websockets from the moment it is accepted, so
-    unauthenticated ones cannot pile up threads (or argon2 checks) either."""
-    with app.inflight_lock:
-        full = app.websockets >= app.cfg.max_websockets
-        if not full:
-            app.websockets += 1
-    if full:
-        return ws_refuse(sock, 503, f"more than {app.cfg.max_websockets} WebSockets")
+    Until its handshake is through, a connection counts only against the small
+    allowance for handshakes under way (WS_MAX_PENDING_PER_ADDRESS from one address,
+    WS_MAX_PENDING in all; a trusted proxy's count only in all), so strangers cannot
+    hold the --max-websockets slots of the users; once authenticated it takes one."""
+    key = None if not peer or http_is_trusted_proxy(app.cfg, peer) else client_address_key(peer)
+    if not app.ws_pending.enter(key):
+        log.getChild("ws").warning("WebSocket handshake from %s refused: too many under way",
+                                   peer or "local")
+        return ws_refuse(sock, 503, "too many WebSocket handshakes under way; try again",
+                         {"Retry-After": "10"})
     try:
-        found = ws_handshake(app, sock, peer)
+        with app.ws_pending.held(key):
+            found = ws_handshake(app, sock, peer)
         if found is None:
             return
-        user, address, reply = found
-        with app.slot(user, "webSocket", app.cfg.max_push_connections):
-            sock.settimeout(None)
-            sock.sendall(reply.encode())
-            log.info("ws %s connected from %s", user.username, address)
-            JmapWebSocket(app, WebSocket(sock, app.cfg.max_size_request), user).run()
+        ws_session(app, sock, *found)
     except RequestError as exc:
         ws_refuse(sock, 400, exc.detail, kind=PROBLEM_PREFIX + exc.kind, limit=exc.limit)
     except WebSocketClosed as exc:
         log.info("ws closed: %s", exc)
     except (OSError, ValueError) as exc:
         log.info("ws connection from %s ended: %s", peer, exc)
-    finally:
-        with app.inflight_lock:
-            app.websockets -= 1
+
+
+def ws_session(app, sock: socket.socket, user: Account, address: str, reply: str) -> None:
+    """An authenticated connection: the total and per-user caps, then JMAP (RFC 8887)."""
+    if not app.ws_open.enter(None):
+        log.getChild("ws").warning("WebSocket of %s from %s refused: %d open "
+                                   "(--max-websockets)", user.username, address,
+                                   app.cfg.max_websockets)
+        ws_refuse(sock, 503, f"more than {app.cfg.max_websockets} WebSockets are open; try "
+                             "again later", {"Retry-After": "30"})
+        return
+    with app.ws_open.held(None):
+        try:
+            slot = app.slot(user, "webSocket", app.cfg.max_push_connections).__enter__()
+        except RequestError:
+            log.getChild("ws").warning("WebSocket of %s from %s refused: %d open for the user "
+                                       "(--max-push-connections)", user.username, address,
+                                       app.cfg.max_push_connections)
+            raise
+        try:
+            sock.settimeout(None)
+            sock.sendall(reply.encode())
+            log.info("ws %s connected from %s", user.username, address)
+            JmapWebSocket(app, WebSocket(sock, app.cfg.max_size_request), user).run()
+        finally:
+            slot.__exit__(None, None, None)
+
+
+class Allowance:
+    """Counted places, per key (an address, or None for "in all only") and in total."""
+
+    def __init__(self, per_key: int, total: int):
+        self.per_key, self.total = per_key, total
+        self.counts: dict = {}
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def enter(self, key) -> bool:
+        with self.lock:
+            if self.count >= self.total or (
+                    key is not None and self.counts.get(key, 0) >= self.per_key):
+                return False
+            self.count += 1
+            if key is not None:
+                self.counts[key] = self.counts.get(key, 0) + 1
+            return True
+
+    def leave(self, key) -> None:
+        with self.lock:
+            self.count -= 1
+            if key is not None:
+                left = self.counts.get(key, 1) - 1
+                if left:
+                    self.counts[key] = left
+                else:
+                    self.counts.pop(key, None)
+
+    @contextlib.contextmanager
+    def held(self, key):
+        """Leave when the block ends (the place was taken with enter())."""
+        try:
+            yield
+        finally:
+            self.leave(key)
 
 
 # =============================================================================
@@ -8932,6 +9440,7 @@ class App:
         limiter = LoginLimiter(cfg.max_login_failures_per_address,
                                cfg.max_login_failures_per_user)
         self.auth = Authenticator(cfg.test_cheap_hashing, self.clock, limiter)
+        limiter.known = self.auth.known_address
         self.bus = ChangeBus()
         self.capabilities = {CAP_CORE, CAP_MAIL, CAP_SUBMISSION, CAP_VACATION}
         if cfg.websocket:
@@ -8940,7 +9449,9 @@ class App:
         self.inflight: dict[tuple, int] = {}
         self.request_ids = itertools.count(1)
         self.push_streams = 0
-        self.websockets = 0
+        self.event_streams = EventStreams()
+        self.ws_pending = Allowance(WS_MAX_PENDING_PER_ADDRESS, WS_MAX_PENDING)
+        self.ws_open = Allowance(cfg.max_websockets, cfg.max_websockets)
         self.push_wake = threading.Event()  # a subscription was made or verified
         self.delivery = GroupCommit(cfg.data_dir, self.clock)
         self.ws_port = None  # the WebSocket listener's port, once bound
@@ -9017,22 +9528,188 @@ def http_apply_proxy_headers(cfg: Config, environ: dict) -> None:
     URLs, so an untrusted client could otherwise forge its address, scheme or host.
     """
     peer = environ.get("REMOTE_ADDR") or ""
-    trusted = peer in cfg.trusted_proxy or (cfg.unix_socket and peer in ("", "localhost"))
     forwarded = {k: environ.pop(k) for k in FORWARDED_HEADERS if k in environ}
+    address, trusted = http_client_address(cfg, peer,
+                                           forwarded.get("HTTP_X_FORWARDED_FOR", ""))
     if not trusted:
         return
     environ["jmapd.forwarded"] = bool(forwarded) or peer in ("", "localhost")
-    hops = [h.strip() for h in forwarded.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
-    while hops and hops[-1] in cfg.trusted_proxy:
-        hops.pop()  # the rightmost address not of a trusted proxy is the client
-    if hops:
-        environ["REMOTE_ADDR"] = hops[-1]
+    environ["REMOTE_ADDR"] = address
     proto = forwarded.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
     if proto in ("http", "https"):
         environ["wsgi.url_scheme"] = proto
     host = forwarded.get("HTTP_X_FORWARDED_HOST", "").split(",")[0].strip()
     if host and HOST_RE.match(host):
         environ["HTTP_HOST"] = host
+
+
+BODY_ROUTE_RE = re.compile(r"^/jmap/(?:api/?|upload/[^/]+/?)\Z")  # what takes a body
+
+
+class ListenerGuard:
+    """What the HTTP listener decides before the app sees a request: how many
+    connections one address may hold, how long a request head may take, which requests
+    are refused from their head alone (a body for a route that takes none: 404; a body
+    without credentials: 401), and how much body credentials not yet verified may send
+    (UNVERIFIED_BODY_*: 503 beyond, and the credentials are checked meanwhile).
+
+    Limits count per client address (IPv6: per /64). A trusted proxy and the Unix
+    socket are exempt from the connection cap; behind them, the forwarded client's
+    address counts once the head is read. Called from waitress's loop thread, except
+    release_body() (worker threads): hence the lock."""
+
+    def __init__(self, app):
+        self.app, self.cfg = app, app.cfg
+        self.lock = threading.Lock()
+        self.connections: dict[str, int] = {}
+        self.bodies: dict[str, int] = {}
+        self.bodies_total = 0
+        self.logged: dict[str, float] = {}  # address -> when a refusal was last logged
+
+    def admit(self, addr) -> tuple[bool, str | None]:
+        """(whether a new connection may stay, the key it counts under or None)."""
+        peer = addr[0] if isinstance(addr, tuple) and addr[0] else "localhost"
+        if peer == "localhost" or http_is_trusted_proxy(self.cfg, peer):
+            return True, None
+        key = client_address_key(peer)
+        with self.lock:
+            held = self.connections.get(key, 0)
+            if held < self.cfg.max_connections_per_address:
+                self.connections[key] = held + 1
+                return True, key
+        self.log_once(key, "connection from %s refused: %d open (--max-connections-per-address)",
+                      key, held)
+        return False, None
+
+    def channel_closed(self, channel) -> None:
+        key = getattr(channel, "guard_key", None)
+        for parser in [channel.request, *channel.requests]:
+            if parser is not None:
+                self.release_body(parser)
+        if key is not None:
+            with self.lock:
+                left = self.connections.get(key, 1) - 1
+                if left > 0:
+                    self.connections[key] = left
+                else:
+                    self.connections.pop(key, None)
+
+    def check_head(self, channel, parser):
+        """An EarlyRefusal for a request whose head alone decides it, else None."""
+        if not (parser.content_length > 0 or parser.chunked):
+            return None  # no body: the app answers whatever it is
+        if parser.command != "POST" or not BODY_ROUTE_RE.match(parser.path or ""):
+            return self.refusal(404, "Not Found", "no such resource takes a request body")
+        header = parser.headers.get("AUTHORIZATION", "")
+        if auth_credentials(header) is None:
+            return self.refusal(401, "Unauthorized", "authentication required",
+                                ("WWW-Authenticate", 'Basic realm="jmapd", charset="UTF-8"'))
+        if self.app.auth.recently_verified(header):
+            return None
+        peer = channel.addr[0] if isinstance(channel.addr, tuple) and channel.addr[0] \
+            else "localhost"
+        address = http_client_address(self.cfg, peer,
+                                      parser.headers.get("X_FORWARDED_FOR", ""))[0]
+        if parser.chunked:  # RFC 9110 §15.5.12: its size must be known before it is read
+            return self.refusal(411, "Length Required",
+                                "send a Content-Length (or log in first)")
+        return self._charge(parser, header, address)
+
+    def _charge(self, parser, header: str, address: str):
+        key, size = client_address_key(address), parser.content_length
+        with self.lock:
+            fits = (self.bodies.get(key, 0) + size <= UNVERIFIED_BODY_PER_ADDRESS
+                    and self.bodies_total + size <= UNVERIFIED_BODY_TOTAL)
+            if fits:
+                self.bodies[key] = self.bodies.get(key, 0) + size
+                self.bodies_total += size
+                parser.charged, parser.charged_key = size, key
+        if fits:
+            return None
+        self.app.auth.verify_later(header, address)  # so that a retry gets through
+        self.log_once(key, "request body from %s refused: unverified credentials over "
+                      "their allowance", key)
+        return self.refusal(503, "Service Unavailable", "too much unauthenticated data in "
+                            "flight; try again shortly", ("Retry-After", "5"))
+
+    def release_body(self, parser) -> None:
+        size, key = getattr(parser, "charged", 0), getattr(parser, "charged_key", None)
+        if not size:
+            return
+        parser.charged = 0
+        with self.lock:
+            self.bodies_total -= size
+            left = self.bodies.get(key, size) - size
+            if left > 0:
+                self.bodies[key] = left
+            else:
+                self.bodies.pop(key, None)
+
+    def overdue(self, channel) -> bool:
+        """Whether a connection must close: a head unfinished after --head-timeout, or
+        an unverified body unfinished after UNVERIFIED_BODY_SECONDS."""
+        parser = channel.request
+        started = getattr(parser, "started", 0)
+        if parser is None or not started:
+            return False
+        age = time.monotonic() - started
+        if not parser.headers_finished:
+            return age > self.cfg.head_timeout
+        return bool(getattr(parser, "charged", 0)) and not parser.completed \
+            and age > UNVERIFIED_BODY_SECONDS
+
+    @staticmethod
+    def refusal(status: int, reason: str, detail: str, *headers) -> EarlyRefusal:
+        body = json_dumps({"type": "about:blank", "status": status, "detail": detail})
+        return EarlyRefusal(status, reason, body, tuple(headers) + tuple(CORS_HEADERS.items()))
+
+    @staticmethod
+    def refusal_octets(status: int, detail: str) -> bytes:
+        """A whole response for a connection refused before it was read at all."""
+        body = json_dumps({"type": "about:blank", "status": status, "detail": detail}).encode()
+        return (f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: {PROBLEM_TYPE}\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 10\r\nConnection: close\r\n"
+                "\r\n").encode() + body
+
+    def log_once(self, key: str, message: str, *args) -> None:
+        """Log a refusal, at most once a minute per address."""
+        now = time.monotonic()
+        with self.lock:
+            if now - self.logged.get(key, -60.0) < 60:
+                return
+            if len(self.logged) > 10_000:
+                self.logged.clear()
+            self.logged[key] = now
+        log.getChild("http").warning(message, *args)
+
+
+def http_client_address(cfg: Config, peer: str, forwarded_for: str) -> tuple[str, bool]:
+    """(the client's address, whether the peer is a trusted proxy). Behind one, the
+    client is the rightmost X-Forwarded-For hop that is not itself a trusted proxy; the
+    Unix socket counts as a trusted proxy (only a local proxy can reach it)."""
+    local = peer in ("", "localhost")
+    if not (local and cfg.unix_socket) and not http_is_trusted_proxy(cfg, peer):
+        return peer, False
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    while hops and http_is_trusted_proxy(cfg, hops[-1]):
+        hops.pop()
+    return (hops[-1] if hops else peer), True
+
+
+def http_is_trusted_proxy(cfg: Config, address: str) -> bool:
+    return bool(cfg.trusted_proxy) and _in_networks(cfg.trusted_proxy, address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_networks(networks: tuple, address: str) -> bool:
+    import ipaddress  # lazy: proxies only
+
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
+    return any(ip in ipaddress.ip_network(net) for net in networks)
 
 
 def http_problem(status: int, kind: str, detail: str, **extra) -> bottle.HTTPResponse:
@@ -9063,7 +9740,8 @@ def http_user(app: App, token_param: bool = False) -> Account:
         problem.set_header("Retry-After", str(exc.retry_after))
         raise problem from None
     if account is None:
-        problem = http_problem(401, "about:blank", "authentication required")
+        detail = "the credentials were refused" if header else "authentication required"
+        problem = http_problem(401, "about:blank", detail)
         problem.set_header("WWW-Authenticate", 'Basic realm="jmapd", charset="UTF-8"')
         raise problem
     return account
@@ -9186,16 +9864,25 @@ def http_eventsource(app: App):
     if closeafter not in ("state", "no") or not re.fullmatch(r"[0-9]{1,9}", ping):
         raise http_problem(400, "about:blank", "closeafter is state or no; ping is seconds")
     ping_s = min(max(int(ping), PING_MIN_S), PING_MAX_S) if int(ping) else 0
-    slot = _Slot(app, user, "eventSource", app.cfg.max_push_connections)
-    slot.__enter__()  # a 400 limit problem when the user has too many streams open
+    environ = bottle.request.environ
+    gone = environ.get("waitress.client_disconnected") or (lambda: False)
+    address = environ.get("REMOTE_ADDR") or "local"
+    ticket = app.event_streams.admit(user, gone, app.cfg.max_push_connections)
+    if ticket is None:
+        log.getChild("push").warning("EventSource of %s from %s refused: %d open for the user "
+                                     "(--max-push-connections)", user.username, address,
+                                     app.cfg.max_push_connections)
+        raise _limit_problem("eventSource", f"more than {app.cfg.max_push_connections} "
+                                            "EventSource streams open for this user")
     if not app.push_streams_changed(+1):  # the stream holds a worker: one more is added
-        slot.__exit__(None, None, None)
+        app.event_streams.leave(user, ticket)
+        log.getChild("push").warning("EventSource of %s from %s refused: %d open in all "
+                                     "(--max-event-streams)", user.username, address,
+                                     app.cfg.max_event_streams)
         problem = http_problem(503, "about:blank", f"more than {app.cfg.max_event_streams} "
                                "EventSource streams are open; try again later")
         problem.set_header("Retry-After", "30")
         raise problem
-    environ = bottle.request.environ
-    gone = environ.get("waitress.client_disconnected") or (lambda: False)
 
     def stream():
         try:
@@ -9203,7 +9890,7 @@ def http_eventsource(app: App):
                                            environ.get("HTTP_LAST_EVENT_ID"), gone):
                 yield chunk.encode()
         finally:
-            slot.__exit__(None, None, None)
+            app.event_streams.leave(user, ticket)
             app.push_streams_changed(-1)
 
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -9781,7 +10468,7 @@ def cmd_serve(cfg: Config) -> int:
 
     started = time.monotonic()
     serve_check_relay(cfg)
-    waitress_jmap_body_limit()
+    waitress_problem_errors()
     waitress_say_close()
     db_open(cfg.data_dir, create=True)
     tempfile.tempdir = blob_tmp_dir(cfg.data_dir)  # waitress spools large bodies here
@@ -9810,7 +10497,8 @@ def cmd_serve(cfg: Config) -> int:
     threading.Thread(target=_housekeeping_loop, args=(app, stopping), daemon=True,
                      name="housekeeping").start()
     server = waitress_server(app.wsgi, sockets=sockets, threads=cfg.threads,
-                             max_body=2 * max(cfg.max_size_upload, cfg.max_size_request) + 2**20)
+                             max_body=max(cfg.max_size_upload, cfg.max_size_request) + 2**20,
+                             guard=ListenerGuard(app))
     app.workers = server.task_dispatcher
     host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -112,8 +112,9 @@ def test_copy_set_errors(two_accounts):
     })
     assert result["created"] is None
     errors = {cid: e["type"] for cid, e in result["notCreated"].items()}
-    assert errors == {"again": "invalidProperties", "missing": "notFound",
+    assert errors == {"again": "alreadyExists", "missing": "notFound",
                       "noid": "invalidProperties", "bad": "invalidProperties"}
+    assert result["notCreated"]["again"]["properties"] == ["name"]  # issue 16: alreadyExists
     assert result["notCreated"]["bad"]["properties"] == ["sortOrder"]
 
 

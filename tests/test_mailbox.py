@@ -227,16 +227,20 @@ def test_mailbox_no_cycles(client):
 def test_mailbox_sibling_names_unique(client):
     ids = create(client, work={"name": "Work"}, home={"name": "Home"},
                  sub={"name": "Work", "parentId": "#home"})  # same name, other parent: fine
+    # The registered SetError alreadyExists (RFC 8620 §5.3), naming the sibling, as the
+    # JMAP conformance suite expects (issue 16; RFC 8621 names no error of its own).
     resp = mailbox_set(client, create={"again": {"name": "Work"},
                                        "child": {"name": "Work", "parentId": ids["home"]}})
-    for cid in ("again", "child"):
-        assert invalid(resp, cid) == {"type": "invalidProperties", "properties": ["name"]}
+    assert invalid(resp, "again") == {"type": "alreadyExists", "existingId": ids["work"],
+                                      "properties": ["name"]}
+    assert invalid(resp, "child") == {"type": "alreadyExists", "existingId": ids["sub"],
+                                      "properties": ["name"]}
     resp = mailbox_set(client, update={ids["home"]: {"name": "Work"}})
-    assert invalid(resp, ids["home"], "notUpdated") == {"type": "invalidProperties",
-                                                        "properties": ["name"]}
+    assert invalid(resp, ids["home"], "notUpdated") == {
+        "type": "alreadyExists", "existingId": ids["work"], "properties": ["name"]}
     resp = mailbox_set(client, update={ids["sub"]: {"parentId": None}})  # onto a "Work"
-    assert invalid(resp, ids["sub"], "notUpdated") == {"type": "invalidProperties",
-                                                       "properties": ["name"]}
+    assert invalid(resp, ids["sub"], "notUpdated") == {
+        "type": "alreadyExists", "existingId": ids["work"], "properties": ["name"]}
     resp = mailbox_set(client, update={ids["sub"]: {"parentId": None, "name": "Work 2"}})
     assert resp["updated"] == {ids["sub"]: None}
     # Two creations with one name in the same call: exactly one wins.
@@ -381,7 +385,8 @@ def test_mailbox_name_is_nfc_normalised(client):
     assert one(client, created)["name"] == composed
     assert mailbox_query(client, filter={"name": "café"})["ids"] == [created]
     resp = mailbox_set(client, create={"twin": {"name": composed}})  # the same name
-    assert invalid(resp, "twin") == {"type": "invalidProperties", "properties": ["name"]}
+    assert invalid(resp, "twin") == {"type": "alreadyExists", "existingId": created,
+                                     "properties": ["name"]}
 
 
 def test_mailbox_update_reports_normalised_name(client):

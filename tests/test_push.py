@@ -802,7 +802,7 @@ def test_push_total_stream_cap_refuses_with_503_until_one_closes(tmp_path, strea
 def test_push_streams_within_limits_do_not_starve_other_requests(tmp_path, streams):
     data_dir = tmp_path / "data"
     add_user(data_dir, "first@example.com")
-    srv = Server(data_dir).start()  # the defaults: --threads 8, --max-push-connections 2
+    srv = Server(data_dir).start()  # the defaults: --threads 8, --max-push-connections 8
     try:
         users = [new_client(srv, "busy") for _ in range(5)]
         for user in users[:4]:

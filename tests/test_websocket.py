@@ -1153,7 +1153,7 @@ def test_ws_client_close_without_code_is_answered(ws_server, alice):
 
 def test_ws_client_vanishing_frees_its_slot(ws_server, alice):
     """Connections dropped without a close frame (TCP only) free the per-user slots."""
-    limit = 2  # --max-push-connections by default
+    limit = 8  # --max-push-connections by default
     for _ in range(3):
         dropped = [open_until_accepted(ws_server, alice) for _ in range(limit)]
         assert all(reply.status == 101 for reply in dropped), [r.status for r in dropped]
