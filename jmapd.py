@@ -337,8 +337,8 @@ def release_free_memory() -> None:
         pass  # not glibc (musl, macOS): nothing to do
 
 
-def waitress_run_until(server, stopping: threading.Event, on_stop: Callable) -> None:
-    """Run waitress's loop until `stopping`; then stop accepting and let requests finish.
+def waitress_run_until(server, stop_asked: Callable, on_stop: Callable) -> None:
+    """Run waitress's loop until stop_asked(); then stop accepting and let requests finish.
 
     waitress's own run() ends the loop at once on a signal, dropping responses that
     worker threads are still writing; here the loop goes on until they are sent.
@@ -350,7 +350,7 @@ def waitress_run_until(server, stopping: threading.Event, on_stop: Callable) -> 
     deadline = None
     while True:
         wasyncore.loop(timeout=0.2, use_poll=True, map=channels, count=1)
-        if not stopping.is_set():
+        if not stop_asked():
             continue
         if deadline is None:
             deadline = time.monotonic() + DRAIN_SECONDS
@@ -795,6 +795,9 @@ OPTIONS = (
         "seconds a client has to send a whole request head once it has begun"),
     Opt("--max-lmtp-connections", 20, conv_positive, "LMTP connections at once"),
     Opt("--threads", 8, conv_positive, "waitress worker threads"),
+    Opt("--log-requests", False, None,
+        "log every JMAP request and response (cut short; credentials, push keys and message "
+        "text left out): for finding out what a client sends", action="store_true"),
     Opt("--max-size-upload", 50_000_000, conv_positive, "maxSizeUpload in octets"),
     Opt("--max-concurrent-upload", 4, conv_positive, "maxConcurrentUpload"),
     Opt("--max-size-request", 10_000_000, conv_positive, "maxSizeRequest in octets"),
@@ -862,6 +865,7 @@ class Config:
     max_delayed_send: int = 7 * 86400
     max_push_connections: int = 8
     max_connections_per_address: int = 32
+    log_requests: bool = False
     head_timeout: int = 10
     max_lmtp_connections: int = 20
     max_login_failures_per_address: int = 10
@@ -2642,7 +2646,15 @@ def _request_shape_problem(request) -> str | None:
 
 def engine_run(app, user: Account, raw_body: bytes, content_type: str = "application/json") -> dict:
     """Run a JMAP API request for a user and return the Response object (RFC 8620 §3.4)."""
-    request = engine_parse_request(app, raw_body, content_type)
+    try:
+        request = engine_parse_request(app, raw_body, content_type)
+    except RequestError as exc:
+        if app.cfg.log_requests:
+            log.info("request of %s: %d octets, refused: %s", user.username, len(raw_body),
+                     exc.kind)
+        raise
+    if app.cfg.log_requests:
+        log.info("request of %s: %s", user.username, log_shortened(request))
     using = frozenset(request["using"])
     created_ids = dict(request.get("createdIds") or {})
     responses: list = []
@@ -2662,7 +2674,39 @@ def engine_run(app, user: Account, raw_body: bytes, content_type: str = "applica
     response = {"methodResponses": responses, "sessionState": app.session_state_for(user)}
     if "createdIds" in request:
         response["createdIds"] = created_ids  # RFC 8620 §3.4: only if the request had it
+    if app.cfg.log_requests:
+        log.info("response to %s: %s", user.username, log_shortened(response))
     return response
+
+
+LOG_EXCHANGE_OCTETS = 4096  # --log-requests: the longest request or response logged
+LOG_HIDDEN = {"keys", "url", "verificationCode", "accessToken", "password"}  # never written
+LOG_TEXT = {"value", "preview", "textBody", "htmlBody", "textSignature", "htmlSignature"}
+
+
+def log_shortened(obj) -> str:
+    """A request or response for --log-requests: push keys, URLs and codes hidden,
+    message text replaced by its length, the whole cut at LOG_EXCHANGE_OCTETS."""
+    text = json_dumps(_log_redacted(obj, 0))
+    if len(text) > LOG_EXCHANGE_OCTETS:
+        text = f"{text[:LOG_EXCHANGE_OCTETS]}… ({len(text) - LOG_EXCHANGE_OCTETS} more)"
+    return text
+
+
+def _log_redacted(value, depth: int):
+    if isinstance(value, list):
+        return [_log_redacted(item, depth + 1) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, member in value.items():
+        if key in LOG_HIDDEN and member is not None:
+            out[key] = "(hidden)"
+        elif key in LOG_TEXT and isinstance(member, str):
+            out[key] = f"({len(member)} characters)"
+        else:
+            out[key] = _log_redacted(member, depth + 1)
+    return out
 
 
 def resolve_references(raw_args: dict, responses: list, budget: list | None = None) -> dict:
@@ -6159,6 +6203,11 @@ class EmailType(TypeSpec):
             if name not in BODY_PART_PROPERTIES and not self.check_property(name):
                 raise MethodError("invalidArguments", f"unknown body property {name!r}")
         ctx.body_properties = wanted
+        # bodyStructure is the whole MIME tree (RFC 8621 §4.1.4): without bodyProperties
+        # it keeps its subParts, which §4.2's default list leaves out for the flat lists;
+        # clients find attachments through them. An explicit list is taken as it is.
+        ctx.structure_properties = wanted if args["bodyProperties"] is not None \
+            else DEFAULT_BODY_PROPERTIES + ["subParts"]
         ctx.get_args = args
 
     def compute(self, ctx, row, name):
@@ -6341,7 +6390,8 @@ def email_message_property(ctx: Call, root: MimePart, blob_base: str, name: str)
         return mime_header_property(root.headers, name)
     body_properties = getattr(ctx, "body_properties", DEFAULT_BODY_PROPERTIES)
     if name == "bodyStructure":
-        return mime_part_json(root, blob_base, body_properties)
+        return mime_part_json(root, blob_base, getattr(ctx, "structure_properties",
+                                                       body_properties))
     text_body, html_body, attachments = mime_body_lists(root)
     if name == "bodyValues":
         return email_body_values(root, text_body, html_body, getattr(ctx, "get_args", {}))
@@ -10504,11 +10554,15 @@ def cmd_serve(cfg: Config) -> int:
     shown = f"[{host}]" if ":" in host else host
     log.info("jmapd %s listening on http://%s:%d/ (ready in %.0f ms)",
              __version__, shown, port, (time.monotonic() - started) * 1000)
+    # A signal handler only records the request: taking a lock in one (Event.set) would
+    # deadlock when a second signal arrives while the first handler holds it.
+    asked = SimpleNamespace(stop=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, lambda *_: setattr(asked, "stop", True))
     release_free_memory()
     sd_notify("READY=1")
-    waitress_run_until(server, stopping, on_stop=lambda: _serve_stopping(app))
+    waitress_run_until(server, lambda: asked.stop,
+                       on_stop=lambda: (stopping.set(), _serve_stopping(app)))
     for server in lmtp_servers + ws_servers:
         server.shutdown()  # a delivery under way finishes; its MTA gets its answer
     if cfg.lmtp_socket and os.path.exists(cfg.lmtp_socket):
