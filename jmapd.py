@@ -105,11 +105,19 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import argon2
-import bottle
-import peewee
-import waitress
-import waitress.utilities
+try:
+    import argon2
+    import bottle
+    import peewee
+    import waitress
+    import waitress.utilities
+except ImportError as missing:  # one line that says what to install, not a traceback
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"jmapd: the Python package {'argon2-cffi' if missing.name == 'argon2' else missing.name}"
+             " is missing. On Debian or Raspberry Pi OS: sudo apt install python3-bottle "
+             "python3-waitress python3-peewee python3-argon2; in a virtual environment: "
+             "pip install bottle waitress peewee argon2-cffi")
 
 # =============================================================================
 # 1.2 COMPATIBILITY SHIMS
@@ -209,6 +217,10 @@ def waitress_guard_server(server, guard) -> None:
 
         def received(self, data):
             if self.refusing:
+                return False
+            if self.request is None and data[:2] == b"\x16\x03":  # a TLS ClientHello
+                guard.tls_on_plain_port(self)
+                self.refusing = self.will_close = True
                 return False
             return HTTPChannel.received(self, data)
 
@@ -649,14 +661,39 @@ def is_net_unicode(text: str) -> bool:
 log = logging.getLogger("jmapd")
 
 
+JOURNAL_PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines for the systemd journal: each line (a traceback's too) begins with its
+    record's syslog priority, <3> … <7> (sd-daemon(3)), so `journalctl -p warning` works;
+    the journal stamps the time itself."""
+
+    def format(self, record) -> str:
+        prefix = f"<{JOURNAL_PRIORITIES.get(record.levelname, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def logging_to_journal() -> bool:
+    """Whether stderr is the journal: JOURNAL_STREAM names stderr's device and inode."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return device.isdigit() and inode.isdigit() and (stat.st_dev, stat.st_ino) == (
+        int(device), int(inode))
+
+
 def logging_setup(level: str) -> None:
-    """Configure the root jmapd logger once for a process."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
+    """Configure the root jmapd logger once for a process (and waitress's, which would
+    else print bare lines of its own)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    for logger in (log, logging.getLogger("waitress")):  # waitress's own lines too
+    if logging_to_journal():
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for logger in (log, logging.getLogger("waitress")):
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
@@ -752,16 +789,35 @@ class Opt:
     hidden: bool = False
     action: str | None = None
     nargs: str | None = None
+    required: bool = False
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
+    @property
+    def metavar(self) -> str | None:
+        """A short placeholder for --help: N, HOST:PORT, PATH, …"""
+        if self.action:
+            return None
+        named = {conv_listen: "HOST:PORT", conv_url: "URL", conv_network: "ADDRESS",
+                 conv_seconds: "SECONDS", conv_positive: "N", conv_horizon: "DAYS",
+                 conv_level: "LEVEL", conv_tls_mode: "MODE"}.get(self.conv)
+        if named:
+            return named
+        words = self.flag.split("-")
+        if words[-1] in ("dir", "file", "socket"):
+            return "PATH"
+        return {"--user": "ADDRESS", "--mailbox": "NAME", "--smtp-user": "NAME"}.get(
+            self.flag, "VALUE")
+
 
 GLOBAL = "*"  # an option every command takes, before or after the subcommand
 
 OPTIONS = (
-    Opt("--data-dir", "./jmapd-data", str, "directory holding the database and blobs", (GLOBAL,)),
+    Opt("--data-dir", "./jmapd-data", str,
+        "directory holding the database and blobs, relative to where jmapd is started",
+        (GLOBAL,)),
     Opt("--log-level", "INFO", conv_level, "debug, info, warning or error", (GLOBAL,)),
     Opt("--listen", "127.0.0.1:8080", conv_listen, "HOST:PORT to serve HTTP on ([::1]:8080)"),
     Opt("--public-url", None, conv_url, "external base URL (https://mail.example.com)"),
@@ -772,9 +828,10 @@ OPTIONS = (
         "also serve JMAP over WebSocket on HOST:PORT (RFC 8887; map /jmap/ws/ onto it)"),
     Opt("--max-websockets", 32, conv_positive, "WebSocket connections open at once, in all"),
     Opt("--max-event-streams", 32, conv_positive, "EventSource streams open at once, in all"),
-    Opt("--user", None, str, "the address the mail is for", ("deliver", "import")),
-    Opt("--mailbox", None, str, "a role (inbox, junk, …) or Mailbox name; else the Inbox",
-        ("deliver", "import")),
+    Opt("--user", None, str, "the address the mail is for", ("deliver", "import"),
+        required=True),
+    Opt("--mailbox", None, str, "a role (inbox, junk, …) or the name of an existing Mailbox; "
+        "without it, the Inbox", ("deliver", "import")),
     Opt("--smtp-relay", None, conv_listen,
         "send mail through this submission server, HOST:PORT (your provider's smarthost)"),
     Opt("--smtp-tls", "auto", conv_tls_mode,
@@ -899,14 +956,22 @@ class Config:
         return {k: ("***" if k in secret else v) for k, v in dataclasses.asdict(self).items()}
 
 
+class CliParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line that matters, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"jmapd: {message} (see: {self.prog} --help)\n")
+
+
 def _typed(opt: Opt) -> Callable:
-    """Wrap a converter so argparse reports its ValueError text."""
+    """Wrap a converter so argparse reports its ValueError text (argparse names the
+    option itself)."""
 
     def convert(text):
         try:
             return opt.conv(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{opt.flag}: {exc}") from exc
+            raise argparse.ArgumentTypeError(str(exc)) from exc
 
     convert.__name__ = opt.dest
     return convert
@@ -921,14 +986,31 @@ def _add_options(parser: argparse.ArgumentParser, command: str, top: bool) -> No
             default = opt.default
         else:
             continue
-        kwargs = {"default": default, "help": opt.help, "dest": opt.dest}
+        kwargs = {"default": default, "help": _help_text(opt), "dest": opt.dest}
         if opt.nargs:
             kwargs["nargs"] = opt.nargs
+        if opt.required and not top:
+            kwargs["required"] = True
         if opt.action:
             kwargs["action"] = opt.action
-        elif opt.conv:
-            kwargs["type"] = _typed(opt)
+        else:
+            kwargs["metavar"] = opt.metavar
+            if opt.conv:
+                kwargs["type"] = _typed(opt)
         parser.add_argument(opt.flag, **kwargs)
+
+
+def _help_text(opt: Opt) -> str:
+    """The option's help with its default shown (argparse formats help with %)."""
+    if opt.help == argparse.SUPPRESS:
+        return opt.help
+    text = opt.help.replace("%", "%%")
+    if opt.required:
+        return text + " (required)"
+    if opt.default in (None, False, ()):
+        return text
+    shown = ":".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+    return f"{text} (default: {shown})"
 
 
 COMMANDS = (
@@ -962,12 +1044,14 @@ COMMANDS = (
      (("path", "DEST", "a new or empty directory"),)),
     ("restore", "make a data directory from a backup", (("path", "SRC", "a backup directory"),)),
     ("check", "verify the data directory: schema, every blob present and intact", ()),
+    ("status", "one screen on how the server is doing; exit 1 when something needs attention",
+     ()),
 )
 
 
 def cfg_parser() -> argparse.ArgumentParser:
     """Build the argparse parser for every command from OPTIONS and COMMANDS."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="jmapd.py", description="A personal JMAP server (RFC 8620, RFC 8621).",
         allow_abbrev=False,
     )
@@ -1031,6 +1115,11 @@ class DataDirMissing(Exception):
     """The data directory does not exist and this command may not create it."""
 
 
+class DataDirProblem(Exception):
+    """The data directory or its database cannot be used (permissions, a full disk, a
+    damaged file); the message says which and what to do."""
+
+
 def _collate_unicode_casemap(a: str, b: str) -> int:
     # RFC 5051 i;unicode-casemap, approximated by NFKD + casefold.
     ka = unicodedata.normalize("NFKD", a).casefold()
@@ -1067,16 +1156,7 @@ def db_path(data_dir: str) -> str:
 
 def db_open(data_dir: str, create: bool) -> peewee.SqliteDatabase:
     """Open (and with create=True make) the data directory's database, migrated to date."""
-    if not os.path.isdir(data_dir):
-        if not create:
-            raise DataDirMissing(
-                f"data directory {data_dir!r} does not exist "
-                "(create it with 'jmapd.py user add' or 'jmapd.py serve')"
-            )
-        os.makedirs(data_dir, mode=0o750, exist_ok=True)
-    elif not create and not os.path.exists(db_path(data_dir)):
-        raise DataDirMissing(  # an empty mount point: the disk is not mounted
-            f"no jmapd database in {data_dir!r} (not mounted, or not a data directory)")
+    db_check_data_dir(data_dir, create)
     database = peewee.SqliteDatabase(
         db_path(data_dir),
         pragmas={
@@ -1097,9 +1177,62 @@ def db_open(data_dir: str, create: bool) -> peewee.SqliteDatabase:
         lambda sha, name, value: search_header_matches(data_dir, sha, name, value),
         "jmap_header_matches", 3)
     db.initialize(database)
-    database.connect(reuse_if_open=True)
-    db_migrate(database)
+    try:
+        database.connect(reuse_if_open=True)
+        db_migrate(database)
+    except peewee.OperationalError as exc:
+        raise DataDirProblem(f"cannot use the database in {data_dir!r}: {exc}") from exc
     return database
+
+
+def db_check_data_dir(data_dir: str, create: bool) -> None:
+    """Make sure the data directory is there and ours to use, or say plainly why not:
+    missing (and this command may not make it), not reachable, or someone else's."""
+    try:
+        os.stat(data_dir)
+    except FileNotFoundError:
+        if not create:
+            raise DataDirMissing(f"data directory {data_dir!r} does not exist (create it "
+                                 "with 'jmapd.py user add' or 'jmapd.py serve')") from None
+        try:
+            os.makedirs(data_dir, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise DataDirProblem(f"cannot create the data directory {data_dir!r}: "
+                                 f"{exc.strerror}") from None
+        return
+    except PermissionError:
+        raise DataDirProblem(f"permission denied on the way to {data_dir!r}: "
+                             f"{_permission_hint(data_dir)}") from None
+    if not os.access(data_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise DataDirProblem(f"permission denied: {data_dir!r} belongs to "
+                             f"{_owner_name(data_dir)}; {_permission_hint(data_dir)}")
+    if not create and not os.path.exists(db_path(data_dir)):
+        raise DataDirMissing(  # an empty mount point: the disk is not mounted
+            f"no jmapd database in {data_dir!r} (not mounted, or not a data directory)")
+
+
+def _owner_name(path: str) -> str:
+    import pwd  # lazy: only error messages need it
+
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _permission_hint(data_dir: str) -> str:
+    """What to run instead: as the directory's owner (root is switched automatically)."""
+    parent = data_dir
+    while parent and not os.access(parent, os.F_OK):
+        parent = os.path.dirname(parent.rstrip("/")) or "/"
+        if parent == "/":
+            break
+    owner = _owner_name(data_dir if os.access(data_dir, os.F_OK) else parent)
+    return f"run jmapd as its owner, e.g. sudo -u {owner} jmapd.py … (or with sudo alone)"
 
 
 def db_data_dir() -> str:
@@ -1698,7 +1831,10 @@ def db_migrate(database) -> None:
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                 (version, name, int(time.time())),
             )
-        log.info("database migrated to schema %d (%s)", version, name)
+        log.debug("database migrated to schema %d (%s)", version, name)
+    if current < SCHEMA_VERSION:
+        log.info("new database (schema %d)" if current == 0 else
+                 f"database upgraded from schema {current} to %d", SCHEMA_VERSION)
 
 
 # =============================================================================
@@ -6868,7 +7004,7 @@ def search_snippet_get(ctx: Call, raw_args: dict) -> dict:
             not_found.append(raw_id)
             continue
         summary = json.loads(row.summary)
-        body = search_body_text(spec._parsed(ctx, row))
+        body = search_snippet_text(spec._parsed(ctx, row))
         found.append({"emailId": raw_id, "subject": search_mark(summary["subject"], terms),
                       "preview": search_preview(body, terms)})
     # RFC 8621 §5.1: notFound is null when every id was found
@@ -7165,6 +7301,19 @@ def search_values(root: MimePart, summary: dict) -> list:
     except Exception:  # noqa: BLE001 -- a parser bug must not cost the mail: logged
         log.getChild("search").exception("message text not indexed")
         return [summary.get("subject") or "", "", "", "", "", ""]
+
+
+def search_snippet_text(root: MimePart) -> str:
+    """The text a snippet is cut from: what a reader sees, once. Of a plain and an HTML
+    alternative only the one the text body takes (the index holds both, so that either
+    is found), then text attachments."""
+    text_body, html_body, attachments = mime_body_lists(root)
+    pieces = []
+    for part in (text_body or html_body) + attachments:
+        if part.type.startswith("text/") and part.type != "text/calendar":
+            text, _ = mime_part_text(part)
+            pieces.append(mime_html_to_text(text) if part.type == "text/html" else text)
+    return "\n".join(pieces)[:MAX_INDEXED_BODY_CHARS]
 
 
 def _fts_values(root: MimePart, summary: dict) -> list:
@@ -8047,8 +8196,12 @@ MAILDIR_FLAGS = {"S": "$seen", "R": "$answered", "F": "$flagged", "D": "$draft"}
 IMPORT_BATCH = 500
 
 
-def import_sources(path: str):
-    """Yield (raw message, keywords, receivedAt or None) from an mbox, Maildir or .eml folder."""
+def import_sources(path: str, opened=None):
+    """Yield (raw message, keywords, receivedAt or None) from an mbox, Maildir or .eml
+    folder, or from a file (or standard input) holding an mbox or one message."""
+    if opened is not None:
+        yield from import_file(path, opened)
+        return
     if os.path.isdir(os.path.join(path, "cur")) or os.path.isdir(os.path.join(path, "new")):
         for sub in ("new", "cur"):
             folder = os.path.join(path, sub)
@@ -8058,16 +8211,30 @@ def import_sources(path: str):
                 full = os.path.join(folder, name)
                 with open(full, "rb") as f:
                     yield f.read(), flags, os.stat(full).st_mtime
-    elif os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
+    else:
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            raise CommandError(f"{path}: {exc.strerror}") from None
+        for name in names:
             if name.endswith(".eml"):
                 with open(os.path.join(path, name), "rb") as f:
                     yield f.read(), {}, None
-    else:
-        yield from import_mbox(path)
 
 
-def import_mbox(path: str):
+def import_file(path: str, source):
+    """An mbox (it begins with a From_ line) or a single message, from an open file."""
+    first = source.readline()
+    if first.startswith(b"From "):
+        yield from import_mbox(itertools.chain([first], source))
+    elif mime_looks_like_message(first):
+        yield first + source.read(), {}, None
+    elif first:
+        raise CommandError(f"{path} is neither an mbox (its first line is no 'From ' line) "
+                           "nor a message (it does not begin with a header field)")
+
+
+def import_mbox(lines_in):
     """Split an mbox at its From_ lines (mboxrd: one '>' less before From)."""
     from email.utils import parsedate_to_datetime  # lazy: import only
 
@@ -8078,21 +8245,20 @@ def import_mbox(path: str):
         return body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), {}, when
 
     lines, when = None, None
-    with open(path, "rb") as f:
-        for line in f:
-            if line.startswith(b"From "):
-                if lines is not None:
-                    yield finish(lines, when)
-                lines, when = [], None
-                parts = line.decode("ascii", "replace").split(None, 2)
-                try:
-                    when = parsedate_to_datetime(parts[2].strip()).timestamp() \
-                        if len(parts) > 2 else None
-                except (TypeError, ValueError, IndexError):
-                    when = None
-                continue
+    for line in lines_in:
+        if line.startswith(b"From "):
             if lines is not None:
-                lines.append(line)
+                yield finish(lines, when)
+            lines, when = [], None
+            parts = line.decode("ascii", "replace").split(None, 2)
+            try:
+                when = parsedate_to_datetime(parts[2].strip()).timestamp() \
+                    if len(parts) > 2 else None
+            except (TypeError, ValueError, IndexError, OverflowError):
+                when = None
+            continue
+        if lines is not None:
+            lines.append(line)
     if lines is not None:
         yield finish(lines, when)
 
@@ -8113,10 +8279,11 @@ def deliver_recipient(address: str) -> tuple[Account, str | None] | None:
     return None
 
 
-def deliver_mailbox(account_pk: int, wanted: str | None) -> int:
+def deliver_mailbox(account_pk: int, wanted: str | None, exact: bool = False) -> int:
     """The Mailbox mail goes to: a role or a name if one matches, else the Inbox.
 
     A sender's +detail never creates a Mailbox; an unknown one files into the Inbox.
+    With `exact` (the owner's --mailbox), an unknown name is a mistake, not the Inbox.
     """
     rows = db.execute_sql("SELECT pk, name, role FROM mailbox WHERE account_pk = ? AND "
                           "destroyed = 0 ORDER BY pk", (account_pk,)).fetchall()
@@ -8127,6 +8294,8 @@ def deliver_mailbox(account_pk: int, wanted: str | None) -> int:
         for pk, name, _ in rows:
             if name.casefold() == wanted.casefold():
                 return pk
+        if exact:
+            raise DeliveryTemporaryError(f"there is no Mailbox (or role) {wanted!r}")
     for pk, _, role in rows:
         if role == "inbox":
             return pk
@@ -9721,11 +9890,18 @@ class ListenerGuard:
                 f"Content-Length: {len(body)}\r\nRetry-After: 10\r\nConnection: close\r\n"
                 "\r\n").encode() + body
 
-    def log_once(self, key: str, message: str, *args) -> None:
-        """Log a refusal, at most once a minute per address."""
+    def tls_on_plain_port(self, channel) -> None:
+        """A client spoke TLS to the plain-HTTP port: say once what is wrong and what helps."""
+        self.log_once("tls", "a TLS handshake from %s arrived on the plain-HTTP port: jmapd "
+                      "speaks plain HTTP and expects a TLS proxy (Caddy or nginx) in front of "
+                      "it; see the README, 'HTTPS'", channel.addr[0] if isinstance(
+                          channel.addr, tuple) else "local", every_s=3600)
+
+    def log_once(self, key: str, message: str, *args, every_s: float = 60) -> None:
+        """Log a refusal, at most once a minute (every_s) per address."""
         now = time.monotonic()
         with self.lock:
-            if now - self.logged.get(key, -60.0) < 60:
+            if now - self.logged.get(key, -every_s) < every_s:
                 return
             if len(self.logged) > 10_000:
                 self.logged.clear()
@@ -9844,6 +10020,15 @@ def http_routes(app: App) -> bottle.Bottle:
     """Build the bottle application with every route."""
     web = bottle.Bottle()
     bottle.BaseRequest.MEMFILE_MAX = max(bottle.BaseRequest.MEMFILE_MAX, app.cfg.max_size_request)
+
+    @web.get("/")
+    def front_page():
+        # Someone opening the server's address in a browser learns what it is.
+        base = app.base_url(bottle.request.environ)
+        text = (f"This is jmapd, a JMAP server (RFC 8620, RFC 8621) for mail.\n\n"
+                f"Point a JMAP client at {base}/ : it finds the session resource at "
+                f"{base}/jmap/session through {base}/.well-known/jmap.\n")
+        return bottle.HTTPResponse(text, 200, {"Content-Type": "text/plain; charset=utf-8"})
 
     @web.get("/.well-known/jmap")
     def well_known():
@@ -10027,6 +10212,7 @@ def _http_error_page(status: int, error) -> str:
 # =============================================================================
 
 HOUSEKEEPING_SECONDS = 3600
+MIN_PASSWORD_LENGTH = 10
 
 
 class CommandError(Exception):
@@ -10044,11 +10230,18 @@ def cli_read_password(cfg: Config, stdin) -> str:
     else:
         if not stdin.isatty():
             raise CommandError("no terminal to prompt on: pass the password with --password-stdin")
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Password again: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Password again: ")
+        except (KeyboardInterrupt, EOFError):
+            raise CommandError("cancelled") from None
+        if again != password:
             raise CommandError("the passwords differ")
     if not password:
         raise CommandError("the password is empty")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise CommandError(f"the password is too short: use at least {MIN_PASSWORD_LENGTH} "
+                           "characters (a few words are easy to type and hard to guess)")
     return password
 
 
@@ -10215,7 +10408,7 @@ def cmd_user_share(cfg: Config, owner: Account, stdout) -> int:
     return 0
 
 
-EX_NOUSER, EX_TEMPFAIL = 67, 75  # sysexits.h: what MTAs understand
+EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 65, 67, 75  # sysexits.h: what MTAs understand
 
 
 def cmd_deliver(cfg: Config, stdin=None) -> int:
@@ -10232,6 +10425,9 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
         if len(raw) > cfg.max_size_upload:
             print("jmapd: message too big", file=sys.stderr)
             return 73  # EX_CANTCREAT: a permanent refusal the MTA reports
+        if not raw.strip():
+            print("jmapd: the message is empty", file=sys.stderr)
+            return EX_DATAERR
         if not cfg.user:
             raise DeliveryTemporaryError("--user is missing (a configuration mistake)")
         db_open(cfg.data_dir, create=False)
@@ -10241,31 +10437,37 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
             return EX_NOUSER
         account, detail = found
         deliver_check_space(cfg.data_dir, len(raw))
-        mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox or detail)
+        mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox or detail,
+                                     exact=cfg.mailbox is not None)
         deliver_message(cfg.data_dir, account.pk, [raw], [mailbox_pk], {}, time.time(),
                         incoming=True)
-    except (DeliveryTemporaryError, DataDirMissing, ConfigError, peewee.OperationalError,
-            OSError) as exc:
+    except (DeliveryTemporaryError, DataDirMissing, DataDirProblem, ConfigError,
+            peewee.OperationalError, OSError) as exc:
         print(f"jmapd: delivery deferred: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     return 0
 
 
-def cmd_import(cfg: Config) -> int:
-    """Import mbox files, Maildirs and .eml folders; resumable (already stored: skipped)."""
+def cmd_import(cfg: Config, inputs: list | None = None) -> int:
+    """Import mbox files, Maildirs, .eml folders and single messages (`-`: standard input);
+    resumable (what is already stored is skipped)."""
+    inputs = cli_open_inputs(cfg.paths) if inputs is None else inputs
     db_open(cfg.data_dir, create=False)
     found = deliver_recipient(cfg.user or "")
     if found is None:
         raise CommandError(f"no such user {cfg.user!r}")
     account = found[0]
-    mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox)
+    try:
+        mailbox_pk = deliver_mailbox(account.pk, cfg.mailbox, exact=True)
+    except DeliveryTemporaryError as exc:
+        raise CommandError(str(exc)) from None
     have = {sha for (sha,) in BlobRef.select(BlobRef.sha256).where(
         (BlobRef.account_pk == account.pk) & (BlobRef.kind == "email")).tuples()}
     imported = skipped = 0
     batch: list = []
     show = sys.stderr.isatty()
-    for path in cfg.paths:
-        for raw, flags, when in import_sources(path):
+    for path, opened in inputs:
+        for raw, flags, when in import_sources(path, opened):
             sha = hashlib.sha256(raw).hexdigest()
             if sha in have:
                 skipped += 1  # resumable: a message stored before is not stored twice
@@ -10280,7 +10482,11 @@ def cmd_import(cfg: Config) -> int:
     imported += _import_batch(cfg, account, mailbox_pk, batch)
     if show:
         print(file=sys.stderr)
-    print(f"imported {imported} messages into {account.username}; {skipped} were already there")
+    if not imported and not skipped:
+        raise CommandError(f"no messages found in {', '.join(cfg.paths)} (an mbox file, a "
+                           "Maildir, a folder of .eml files or one message are expected)")
+    print(f"imported {imported} message{'' if imported == 1 else 's'} into {account.username}; "
+          f"{skipped} {'was' if skipped == 1 else 'were'} already there")
     return 0
 
 
@@ -10324,7 +10530,114 @@ def cmd_backup(cfg: Config) -> int:
     print(f"backup of {cfg.data_dir} in {dest}: database and {len(hashes) - missing} blobs")
     if missing:
         raise CommandError(f"{missing} blobs were missing from the data directory")
+    cli_write_record(os.path.join(cfg.data_dir, BACKUP_RECORD),
+                     {"at": utc_date(time.time()), "to": os.path.abspath(dest)})
     return 0
+
+
+BACKUP_RECORD = "backup.json"  # in the data directory: the last backup, for `status`
+STATUS_DISK_FREE = 0.05  # less free than this needs attention
+STATUS_BACKUP_DAYS = 30
+
+
+def cli_write_record(path: str, record: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json_dumps(record))
+    os.replace(tmp, path)
+
+
+def cli_read_record(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_status(cfg: Config) -> int:
+    """One screen an owner runs when something seems wrong; exit 1 if anything needs
+    attention: a failing send, little disk left, a damaged store, no recent backup."""
+    db_open(cfg.data_dir, create=False)
+    now, lines, attention = time.time(), [f"jmapd {__version__}"], []
+    for label, (text, problem) in (("data directory", _status_disk(cfg)),
+                                   ("database", _status_database(cfg)),
+                                   ("server", _status_server(cfg)),
+                                   ("outbox", _status_outbox(now)),
+                                   ("last backup", _status_backup(cfg, now))):
+        lines.append(f"{label:<15} {text}")
+        if problem:
+            attention.append(problem)
+    lines += _status_users()
+    lines.append("needs attention: " + "; ".join(attention) if attention
+                 else "nothing needs attention")
+    print("\n".join(lines))
+    return 1 if attention else 0
+
+
+def _status_disk(cfg: Config) -> tuple[str, str | None]:
+    import shutil  # lazy: status only
+
+    usage = shutil.disk_usage(cfg.data_dir)
+    free = usage.free / usage.total if usage.total else 1.0
+    text = (f"{os.path.abspath(cfg.data_dir)} (owner {_owner_name(cfg.data_dir)}; "
+            f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB)")
+    return text, f"only {free:.0%} of the disk is free" if free < STATUS_DISK_FREE else None
+
+
+def _status_database(cfg: Config) -> tuple[str, str | None]:
+    version = db.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    blobs = [sha for (sha,) in db.execute_sql("SELECT sha256 FROM blob")]
+    missing = sum(not os.path.exists(blob_path(cfg.data_dir, sha)) for sha in blobs)
+    text = f"schema {version}, {len(blobs)} blobs, {missing} missing"
+    if version != SCHEMA_VERSION:
+        return text, f"schema {version}, this jmapd expects {SCHEMA_VERSION}"
+    return text, f"{missing} blob files are missing (run check)" if missing else None
+
+
+def _status_server(cfg: Config) -> tuple[str, str | None]:
+    record = cli_read_record(serve_record_path(cfg))
+    if record is None:
+        return "not running", None
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return "not running (it did not stop cleanly)", None
+    except PermissionError:
+        pass  # running as another user
+    return (f"running since {record['started']} (pid {record['pid']}): "
+            + ", ".join(record["listeners"])), None
+
+
+def _status_outbox(now: float) -> tuple[str, str | None]:
+    rows = db.execute_sql("SELECT attempts, next_attempt_at, created_at FROM outbox "
+                          "WHERE state IN ('queued', 'sending')").fetchall()
+    if not rows:
+        return "empty", None
+    failing = [r for r in rows if r[0] > 0]
+    held = [r for r in rows if r[0] == 0 and r[1] > now]
+    oldest = utc_date(min(r[2] for r in rows))
+    text = (f"{len(rows)} waiting ({len(held)} held for later, {len(failing)} failing), "
+            f"oldest from {oldest}")
+    return text, f"{len(failing)} messages fail to send" if failing else None
+
+
+def _status_backup(cfg: Config, now: float) -> tuple[str, str | None]:
+    record = cli_read_record(os.path.join(cfg.data_dir, BACKUP_RECORD))
+    if record is None:
+        return "never", "no backup yet (jmapd.py backup DEST)"
+    age_days = (now - parse_utc_date(record["at"])) / 86400
+    text = f"{record['at']} to {record['to']} ({age_days:.0f} days ago)"
+    return text, f"no backup for {age_days:.0f} days" if age_days > STATUS_BACKUP_DAYS else None
+
+
+def _status_users() -> list[str]:
+    counts = dict(db.execute_sql("SELECT account_pk, COUNT(*) FROM email WHERE destroyed = 0 "
+                                 "GROUP BY account_pk").fetchall())
+    users = db.execute_sql("SELECT pk, username FROM account ORDER BY username").fetchall()
+    lines = [f"{'users' if i == 0 else '':<15} {name}: {counts.get(pk, 0)} messages"
+             for i, (pk, name) in enumerate(users)]
+    return lines or [f"{'users':<15} none yet (jmapd.py user add ADDRESS)"]
 
 
 def cmd_restore(cfg: Config) -> int:
@@ -10409,14 +10722,16 @@ def _fsync_tree(path: str) -> None:
 # ---- serve ----
 
 
-def serve_first_user(app: App) -> None:
-    """On a first start at a terminal, ask for the first user; otherwise say how to add one."""
+def serve_first_user(app: App) -> float:
+    """On a first start at a terminal, ask for the first user; otherwise say how to add
+    one. Return the seconds spent at the prompt."""
     if Account.select().exists():
-        return
+        return 0.0
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         log.warning("no users yet: add one with 'jmapd.py user add ADDRESS --data-dir %s'",
                     app.cfg.data_dir)
-        return
+        return 0.0
+    asked = time.monotonic()
     print("No users yet. Create the first one (the username is an e-mail address).",
           file=sys.stderr)
     while True:
@@ -10425,11 +10740,19 @@ def serve_first_user(app: App) -> None:
             password = cli_read_password(dataclasses.replace(app.cfg, password_stdin=False),
                                          sys.stdin)
             account_create(app.auth, username, password, app.clock.now())
-        except (ValueError, CommandError) as exc:
+        except (KeyboardInterrupt, EOFError):
+            print(file=sys.stderr)
+            raise CommandError("cancelled: no user was added") from None
+        except CommandError as exc:
+            if str(exc) == "cancelled":
+                raise CommandError("cancelled: no user was added") from None
+            print(exc, file=sys.stderr)
+            continue
+        except ValueError as exc:
             print(exc, file=sys.stderr)
             continue
         print(f"user {username} added; log in with it from your JMAP client", file=sys.stderr)
-        return
+        return time.monotonic() - asked
 
 
 def serve_listen_tcp(address: tuple, what: str) -> socket.socket:
@@ -10448,11 +10771,15 @@ def serve_listen_tcp(address: tuple, what: str) -> socket.socket:
 
 def serve_listen_unix(path: str) -> socket.socket:
     """Bind and listen on a Unix socket the local proxy or MTA reaches by group (0660)."""
-    if os.path.exists(path):
-        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o660)
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        sock.bind(path)
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
     sock.listen(128)
     return sock
 
@@ -10470,10 +10797,8 @@ def serve_bind_lmtp(cfg: Config) -> list[socket.socket]:
     sockets = []
     if cfg.lmtp:
         sockets.append(serve_listen_tcp(cfg.lmtp, "LMTP"))
-        log.info("LMTP on %s:%d", *sockets[-1].getsockname()[:2])
     if cfg.lmtp_socket:
         sockets.append(serve_listen_unix(cfg.lmtp_socket))
-        log.info("LMTP on %s", cfg.lmtp_socket)
     return sockets
 
 
@@ -10523,37 +10848,19 @@ def cmd_serve(cfg: Config) -> int:
     db_open(cfg.data_dir, create=True)
     tempfile.tempdir = blob_tmp_dir(cfg.data_dir)  # waitress spools large bodies here
     app = make_app(cfg)
-    log.info("configuration: %s", cfg.masked())
+    log.debug("configuration: %s", cfg.masked())
     if cfg.listen[0] not in ("127.0.0.1", "::1", "localhost") and not cfg.public_url:
         log.warning("listening beyond loopback without --public-url; put TLS in front of jmapd")
-    serve_first_user(app)
+    started += serve_first_user(app)  # the time spent at the prompt is not start-up
     serve_housekeeping(app)
-    sockets = serve_bind(cfg)
-    lmtp_servers = lmtp_start(app, serve_bind_lmtp(cfg))
-    ws_servers = []
-    if cfg.websocket:
-        ws_socket = serve_listen_tcp(cfg.websocket, "WebSocket")
-        app.ws_port = ws_socket.getsockname()[1]
-        ws_servers = ws_start(app, [ws_socket])
-        log.info("JMAP over WebSocket on ws://%s:%d%s", cfg.websocket[0], app.ws_port, WS_PATH)
-    app.bus.start_watcher(cfg.data_dir)
-    PushSender(app).start()
-    outbox = OutboxWorker(app)
-    if cfg.smtp_relay:
-        outbox.start()
-    else:
-        log.info("no --smtp-relay: EmailSubmission/set answers forbiddenToSend")
     stopping = threading.Event()
-    threading.Thread(target=_housekeeping_loop, args=(app, stopping), daemon=True,
-                     name="housekeeping").start()
-    server = waitress_server(app.wsgi, sockets=sockets, threads=cfg.threads,
-                             max_body=max(cfg.max_size_upload, cfg.max_size_request) + 2**20,
-                             guard=ListenerGuard(app))
-    app.workers = server.task_dispatcher
-    host, port = sockets[0].getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    log.info("jmapd %s listening on http://%s:%d/ (ready in %.0f ms)",
-             __version__, shown, port, (time.monotonic() - started) * 1000)
+    server, others, listeners = serve_listeners(app)
+    outbox = serve_workers(app, stopping)
+    log.info("jmapd %s, data in %s (%d users)", __version__, os.path.abspath(cfg.data_dir),
+             Account.select().count())
+    serve_record(cfg, listeners)
+    log.info("jmapd %s listening on %s (ready in %.0f ms)", __version__, listeners[0][1],
+             (time.monotonic() - started) * 1000)
     # A signal handler only records the request: taking a lock in one (Event.set) would
     # deadlock when a second signal arrives while the first handler holds it.
     asked = SimpleNamespace(stop=False)
@@ -10563,17 +10870,78 @@ def cmd_serve(cfg: Config) -> int:
     sd_notify("READY=1")
     waitress_run_until(server, lambda: asked.stop,
                        on_stop=lambda: (stopping.set(), _serve_stopping(app)))
-    for server in lmtp_servers + ws_servers:
-        server.shutdown()  # a delivery under way finishes; its MTA gets its answer
-    if cfg.lmtp_socket and os.path.exists(cfg.lmtp_socket):
-        os.unlink(cfg.lmtp_socket)
+    for other in others:
+        other.shutdown()  # a delivery under way finishes; its MTA gets its answer
+    for path in (cfg.lmtp_socket, cfg.unix_socket, serve_record_path(cfg)):
+        if path and os.path.exists(path):
+            os.unlink(path)
     app.bus.stop()
     outbox.stop(DRAIN_SECONDS)  # a message being sent gets its answer recorded
     db.close()
-    if cfg.unix_socket and os.path.exists(cfg.unix_socket):
-        os.unlink(cfg.unix_socket)
     log.info("stopped")
     return 0
+
+
+def serve_listeners(app) -> tuple:
+    """Bind and start every listener: (the waitress server, the other servers, and
+    [(kind, where)] for the log, the record and `status`)."""
+    cfg = app.cfg
+    sockets = serve_bind(cfg)
+    server = waitress_server(app.wsgi, sockets=sockets, threads=cfg.threads,
+                             max_body=max(cfg.max_size_upload, cfg.max_size_request) + 2**20,
+                             guard=ListenerGuard(app))
+    app.workers = server.task_dispatcher
+    host, port = sockets[0].getsockname()[:2]
+    listeners = [("HTTP", f"http://{f'[{host}]' if ':' in host else host}:{port}/")]
+    listeners += [("HTTP", f"unix:{cfg.unix_socket}")] if cfg.unix_socket else []
+    lmtp_sockets = serve_bind_lmtp(cfg)
+    others = lmtp_start(app, lmtp_sockets)
+    for sock in lmtp_sockets:
+        name = sock.getsockname()
+        listeners.append(("LMTP", f"unix:{name}" if isinstance(name, str)
+                          else "%s:%d" % name[:2]))
+    if cfg.websocket:
+        ws_socket = serve_listen_tcp(cfg.websocket, "WebSocket")
+        app.ws_port = ws_socket.getsockname()[1]
+        others += ws_start(app, [ws_socket])
+        listeners.append(("JMAP over WebSocket",
+                          f"ws://{cfg.websocket[0]}:{app.ws_port}{WS_PATH}"))
+    for kind, where in listeners[1:]:
+        log.info("%s on %s", kind, where)
+    return server, others, listeners
+
+
+def serve_workers(app, stopping: threading.Event):
+    """Start the change bus watcher, the push sender, the outbox and housekeeping."""
+    app.bus.start_watcher(app.cfg.data_dir)
+    PushSender(app).start()
+    outbox = OutboxWorker(app)
+    if app.cfg.smtp_relay:
+        outbox.start()
+        log.info("sending through %s:%d (TLS: %s)", *app.cfg.smtp_relay, app.cfg.smtp_tls)
+    else:
+        log.info("no --smtp-relay: sending is off (EmailSubmission/set answers "
+                 "forbiddenToSend)")
+    threading.Thread(target=_housekeeping_loop, args=(app, stopping), daemon=True,
+                     name="housekeeping").start()
+    return outbox
+
+
+SERVE_RECORD = "serve.json"  # in the data directory while serve runs: for `status`
+
+
+def serve_record_path(cfg: Config) -> str:
+    return os.path.join(cfg.data_dir, SERVE_RECORD)
+
+
+def serve_record(cfg: Config, listeners: list) -> None:
+    """Note who serves this data directory and where, for `jmapd.py status`."""
+    record = {"pid": os.getpid(), "version": __version__, "started": utc_date(time.time()),
+              "listeners": [f"{kind} {where}" for kind, where in listeners]}
+    tmp = serve_record_path(cfg) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json_dumps(record))
+    os.replace(tmp, serve_record_path(cfg))
 
 
 def serve_check_relay(cfg: Config) -> None:
@@ -10596,7 +10964,8 @@ def _serve_stopping(app: App) -> None:
 
 
 COMMAND_HANDLERS = {"serve": cmd_serve, "backup": cmd_backup, "restore": cmd_restore,
-                    "check": cmd_check, "deliver": cmd_deliver, "import": cmd_import}
+                    "check": cmd_check, "deliver": cmd_deliver, "import": cmd_import,
+                    "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10615,15 +10984,82 @@ def main(argv: list[str] | None = None) -> int:
         serve_without_script_tree(argv)
     logging_setup(cfg.log_level)
     os.umask(os.umask(0o027) | 0o027)  # mail is private: no file of ours is world-readable
-    handler = COMMAND_HANDLERS.get(cfg.command, cmd_user)
     try:
-        return handler(cfg)
+        if cfg.command == "import":
+            inputs = cli_open_inputs(cfg.paths)  # before becoming the owner: root's files
+            cli_run_as_owner(cfg)
+            return cmd_import(cfg, inputs)
+        cli_run_as_owner(cfg)
+        return COMMAND_HANDLERS.get(cfg.command, cmd_user)(cfg)
     except (ConfigError, DataDirMissing) as exc:
         print(f"jmapd: {exc}", file=sys.stderr)
         return 2
-    except CommandError as exc:
+    except (CommandError, DataDirProblem) as exc:
         print(f"jmapd: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("jmapd: interrupted", file=sys.stderr)
+        return 130
+
+
+# Modules imported where first needed (start-up stays light); loaded in advance when
+# jmapd gives root up, as the interpreter may live where the new user cannot read.
+LAZY_MODULES = ("binascii", "codecs", "ctypes", "email.utils", "getpass", "html",
+                "http.client", "ipaddress", "pwd", "quopri", "shutil", "smtplib", "socketserver",
+                "sqlite3", "ssl", "tempfile", "urllib.parse", "waitress.channel",
+                "waitress.parser", "waitress.task", "waitress.utilities", "waitress.wasyncore")
+
+
+def cli_run_as_owner(cfg: Config) -> None:
+    """Started as root on a data directory another user owns (`sudo jmapd.py import …`),
+    become that user before anything is written: a root-owned file in it would stop
+    the service, which runs as the owner, from using it. Input already open stays
+    readable; every module a command may use, every text codec included, is loaded
+    first."""
+    if os.geteuid() != 0:
+        return
+    try:
+        stat = os.stat(cfg.data_dir)
+    except OSError:
+        return  # nothing there yet: what root makes now is root's (README: run as the user)
+    if stat.st_uid == 0:
+        return
+    import importlib  # lazy: only when giving root up
+    import pkgutil
+    import pwd
+
+    for name in LAZY_MODULES:
+        importlib.import_module(name)
+    for codec in pkgutil.iter_modules(importlib.import_module("encodings").__path__):
+        try:
+            importlib.import_module(f"encodings.{codec.name}")
+        except (ImportError, LookupError):
+            pass  # codecs of other platforms (mbcs, oem)
+    try:
+        entry = pwd.getpwuid(stat.st_uid)
+        os.initgroups(entry.pw_name, entry.pw_gid)
+        name, gid = entry.pw_name, entry.pw_gid
+    except KeyError:
+        os.setgroups([])
+        name, gid = f"uid {stat.st_uid}", stat.st_gid
+    os.setgid(gid)
+    os.setuid(stat.st_uid)
+    log.info("running as %s, the owner of %s", name, cfg.data_dir)
+
+
+def cli_open_inputs(paths: tuple) -> list:
+    """(path, open binary file or None for a folder) for `import`: files (and `-`,
+    standard input) are opened now, while a root caller can still read them."""
+    inputs = []
+    for path in paths:
+        if path == "-":
+            inputs.append((path, sys.stdin.buffer))
+            continue
+        try:
+            inputs.append((path, None if os.path.isdir(path) else open(path, "rb")))
+        except OSError as exc:
+            raise CommandError(f"{path}: {exc.strerror}") from None
+    return inputs
 
 
 RELAUNCH = ("import runpy, sys; path = sys.argv.pop(1); sys.argv[0] = path; "

@@ -198,6 +198,20 @@ def unit_environment():
     return env
 
 
+def unit_argv(variables=None):
+    """ExecStart as systemd runs it (systemd.exec(5) "Command lines"): a word that is a
+    lone $NAME becomes the words of that variable's value, or nothing if it is unset."""
+    variables = {**unit_environment(), **(variables or {})}
+    argv = []
+    for word in shlex.split(unit_value("ExecStart")):
+        match = re.fullmatch(r"\$(\w+)|\$\{(\w+)\}", word)
+        if match:
+            argv += variables.get(match.group(1) or match.group(2), "").split()
+        else:
+            argv.append(word)
+    return argv
+
+
 def option_value(argv, flag):
     assert flag in argv, argv
     return argv[argv.index(flag) + 1]
@@ -245,7 +259,7 @@ def test_appliance_unit_settings():
     state_dir = f"/var/lib/{state}"
     tmpdir = unit_environment().get("TMPDIR", "")
     assert tmpdir.startswith(state_dir + "/"), tmpdir
-    argv = shlex.split(unit_value("ExecStart"))
+    argv = unit_argv()
     assert "serve" in argv
     assert option_value(argv, "--data-dir").rstrip("/") == state_dir
     host = option_value(argv, "--listen").rsplit(":", 1)[0].strip("[]")
@@ -276,7 +290,7 @@ def test_appliance_unit_allows_the_unix_socket_contrib_suggests():
 
 def test_appliance_unit_execstart_runs_as_notify_service(tmp_path):
     """Run the unit's own ExecStart line (paths moved into tmp) the way systemd would."""
-    argv = shlex.split(unit_value("ExecStart"))
+    argv = unit_argv()
     assert Path(argv[0]).name.startswith("python3"), argv
     assert argv[1].endswith("/jmapd.py"), argv
     state_dir = option_value(argv, "--data-dir").rstrip("/")

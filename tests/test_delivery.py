@@ -87,7 +87,8 @@ def test_deliver_stores_in_inbox(dd_server, new_user):
 
 
 def test_deliver_mailbox_option(dd_server, new_user):
-    """--mailbox: a role (any case), else a Mailbox name (any case), else the Inbox."""
+    """--mailbox: a role (any case), else a Mailbox name (any case); another name is a
+    mistake in the MTA's configuration: exit 75, so the MTA keeps the mail (issue 17)."""
     address, client = new_user()
     lists = create_mailbox(client, "Lists")
     junk = mailbox_id(client, role="junk")
@@ -96,13 +97,19 @@ def test_deliver_mailbox_option(dd_server, new_user):
     assert junk in renamed["updated"]
     inbox = mailbox_id(client, role="inbox")
     before = sorted(m["id"] for m in mailboxes(client))
-    cases = {"junk": junk, "JUNK": junk, "spam": junk, "Lists": lists, "lists": lists,
-             "nosuchbox": inbox}
+    cases = {"junk": junk, "JUNK": junk, "spam": junk, "Lists": lists, "lists": lists}
     toks = {wanted: token() for wanted in cases}
     for wanted, tok in toks.items():
         delivered(dd_server.data_dir, address, tok, "--mailbox", wanted)
     for wanted, expected in cases.items():
         assert find_one(client, toks[wanted])["mailboxIds"] == {expected: True}, wanted
+    tok = token()
+    done = deliver(dd_server.data_dir, "--user", address, "--mailbox", "nosuchbox",
+                   message=make_message(f"mda {tok}", f"Not for the Inbox, {tok}.\n"))
+    assert done.returncode == 75, done.stderr.decode()
+    assert "nosuchbox" in done.stderr.decode()
+    assert client.ok("Email/query", {"accountId": client.account_id,
+                                     "filter": {"text": tok}})["ids"] == []
     assert sorted(m["id"] for m in mailboxes(client)) == before  # nothing created
 
 

@@ -734,15 +734,16 @@ def test_push_two_users_never_see_each_others_changes(alice, bob, streams):
 # =============================================================================
 
 
-def test_push_default_limit_two_streams_per_user(alice, bob, streams):
-    first, second = connected(streams(alice)), connected(streams(alice))  # just under
-    third = streams(alice)  # just over
-    assert third.status == 400, third.status
-    problem = json.loads(third.body)
+def test_push_default_limit_eight_streams_per_user(alice, bob, streams):
+    # The default is 8 (issue 16: a few tabs and devices fit; it was 2).
+    live = [connected(streams(alice)) for _ in range(8)]  # just under
+    ninth = streams(alice)  # just over
+    assert ninth.status == 400, ninth.status
+    problem = json.loads(ninth.body)
     assert problem["type"] == LIMIT_PROBLEM and problem["status"] == 400, problem
     connected(streams(bob))  # the limit is per user
     new_state = make_mailbox(alice)
-    for stream in (first, second):
+    for stream in live:
         assert stream.next_state().json() == exactly(alice.account_id, "Mailbox", new_state)
 
 
