@@ -2061,6 +2061,15 @@ class ChangeLog:
         self.touched[type_name] = self.modseq
         return self.modseq
 
+    def mark(self) -> tuple:
+        """Where the log stands, to go back to when a savepoint is rolled back."""
+        return self.modseq, dict(self.touched)
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget what was allocated since mark(): its rows were rolled back, so a state
+        must not move for them (nor a push fire)."""
+        self.modseq, self.touched = mark[0], mark[1]
+
     def flush(self) -> None:
         """Write the counter and each touched type's state (call inside the transaction)."""
         if not self.touched:
@@ -2700,6 +2709,7 @@ class Call:
     sub_calls: list = field(default_factory=list)
     pending: dict = field(default_factory=dict)  # pk -> props a later update/destroy changes
     scratch: dict = field(default_factory=dict)  # what a method's prepare found, for its handler
+    after_commit: list = field(default_factory=list)  # callables, run once the call committed
 
     @property
     def now(self) -> float:
@@ -2939,6 +2949,8 @@ def engine_call(ctx: Call, name: str, args: dict) -> dict:
         raise MethodError("serverFail", "internal error; see the server log") from exc
     for account_pk in touched:
         ctx.app.bus.notify(account_pk)
+    for callback in ctx.after_commit:  # never inside the transaction: others would see
+        callback()                     # (or act on) what might still be rolled back
     return output
 
 
@@ -3451,16 +3463,16 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     }
     for cid, obj in _creation_order(spec, create):
         _record_outcome(result, "created", "notCreated", cid,
-                        lambda: set_create_one(spec, ctx, cid, obj))
+                        lambda: set_create_one(spec, ctx, cid, obj), ctx.changes)
     will_destroy = {resolve_creation_id(ctx, i) for i in destroy}
     ctx.pending = _pending_changes(spec, ctx, update, destroy)
     for raw_id, patch in update.items():
         _record_outcome(result, "updated", "notUpdated", raw_id,
-                        lambda: set_update_one(spec, ctx, raw_id, patch, will_destroy))
+                        lambda: set_update_one(spec, ctx, raw_id, patch, will_destroy), ctx.changes)
         ctx.pending.pop(spec.pk_of(ctx, raw_id), None)
     for raw_id in spec.destroy_order(ctx, destroy):
         _record_outcome(result, "destroyed", "notDestroyed", raw_id,
-                        lambda: set_destroy_one(spec, ctx, raw_id, args))
+                        lambda: set_destroy_one(spec, ctx, raw_id, args), ctx.changes)
     ctx.pending = {}
     spec.validate_final(ctx)
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
@@ -3481,12 +3493,17 @@ def json_equal(a, b) -> bool:
     return a == b
 
 
-def _record_outcome(result: dict, ok_key: str, fail_key: str, key: str, action) -> None:
-    """Run one record's change in a savepoint; a SetError undoes only that record."""
+def _record_outcome(result: dict, ok_key: str, fail_key: str, key: str, action,
+                    changes: ChangeLog | None = None) -> None:
+    """Run one record's change in a savepoint; a SetError undoes only that record, its
+    change-log entries included (`changes`: the log the record writes to)."""
+    mark = changes.mark() if changes is not None else None
     try:
         with db.atomic():
             outcome = action()
     except SetError as exc:
+        if mark is not None:
+            changes.rollback(mark)
         result[fail_key][key] = exc.as_json()
         return
     if ok_key == "destroyed":
@@ -3777,7 +3794,7 @@ def method_copy(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     copied = []
     for cid, obj in args["create"].items():
         _record_outcome(result, "created", "notCreated", cid,
-                        lambda: spec.copy_one(ctx, src, cid, obj))
+                        lambda: spec.copy_one(ctx, src, cid, obj), ctx.changes)
         if cid in result["created"]:
             copied.append(obj["id"])
     result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
@@ -4097,29 +4114,60 @@ class ChangeBus:
     def __init__(self):
         self.states_lock = threading.Condition()
         self.states: dict[int, dict[str, str]] = {}
+        self.modseqs: dict[int, int] = {}  # each account's modseq when last read
         self.versions: dict[int, int] = {}
         self.stopping = threading.Event()
         self.watcher: threading.Thread | None = None
 
     def refresh(self) -> set:
-        """Re-read every account's type states; wake waiters of those that changed."""
-        current: dict[int, dict[str, str]] = {}
-        rows = TypeState.select(TypeState.account_pk, TypeState.type_name, TypeState.modseq)
-        for account_pk, type_name, modseq in rows.tuples():
-            current.setdefault(account_pk, {})[type_name] = state_string(modseq)
+        """Publish what other connections committed: the accounts whose modseq moved (or
+        that are gone) have their states read again; wake waiters of those that changed.
+
+        States are merged by number under the lock, never replaced: a reader that was
+        slow to get here cannot move a published state backwards."""
+        modseqs = dict(db.execute_sql("SELECT pk, modseq FROM account").fetchall())
         with self.states_lock:
-            known = set(current) | set(self.states)  # a deleted account changes too
-            changed = {pk for pk in known if current.get(pk) != self.states.get(pk)}
-            self.states = current
-            for pk in changed:
-                self.versions[pk] = self.versions.get(pk, 0) + 1
-            if changed:
-                self.states_lock.notify_all()
-        return changed
+            moved = [pk for pk, modseq in modseqs.items() if self.modseqs.get(pk) != modseq]
+            gone = [pk for pk in self.states if pk not in modseqs]
+        changed = set()
+        for account_pk in moved:
+            changed |= self._merge(account_pk, self._read(account_pk), modseqs[account_pk])
+        with self.states_lock:
+            for account_pk in gone:  # a deleted account changes too
+                self.states.pop(account_pk, None)
+                self.modseqs.pop(account_pk, None)
+                self._publish({account_pk})
+        return changed | set(gone)
 
     def notify(self, account_pk: int) -> None:
-        """Publish after a commit in this process."""
-        self.refresh()
+        """Publish an account's states after a commit in this process."""
+        row = db.execute_sql("SELECT modseq FROM account WHERE pk = ?", (account_pk,)).fetchone()
+        self._merge(account_pk, self._read(account_pk), row[0] if row else None)
+
+    @staticmethod
+    def _read(account_pk: int) -> dict[str, int]:
+        return dict(db.execute_sql("SELECT type_name, modseq FROM type_state WHERE "
+                                   "account_pk = ?", (account_pk,)).fetchall())
+
+    def _merge(self, account_pk: int, read: dict, modseq: int | None) -> set:
+        """Take what was read where it is newer than what is published."""
+        with self.states_lock:
+            states = self.states.setdefault(account_pk, {})
+            newer = {t: state_string(m) for t, m in read.items()
+                     if m > int(states.get(t, -1))}
+            if modseq is not None and modseq > self.modseqs.get(account_pk, -1):
+                self.modseqs[account_pk] = modseq
+            if not newer:
+                return set()
+            states.update(newer)
+            self._publish({account_pk})
+            return {account_pk}
+
+    def _publish(self, account_pks: set) -> None:
+        """Wake the waiters of these accounts (call with states_lock held)."""
+        for pk in account_pks:
+            self.versions[pk] = self.versions.get(pk, 0) + 1
+        self.states_lock.notify_all()
 
     def snapshot(self, account_pk: int) -> tuple[int, dict]:
         """Return (version, {type: state}) for an account."""
@@ -4365,6 +4413,12 @@ class UnloggedChanges(ChangeLog):
     def next(self, type_name: str) -> int:
         return 0
 
+    def mark(self) -> tuple:
+        return (None, {})
+
+    def rollback(self, mark: tuple) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -4446,10 +4500,9 @@ class PushSubscriptionType(TypeSpec):
             return
         if values["verificationCode"] is not None:
             raise invalid_properties(["verificationCode"], "null until the code is pushed")
-        try:
-            push_url_addresses(values["url"], ctx.app.cfg.test_push_allow_loopback)
-        except ValueError as exc:
-            raise invalid_properties(["url"], str(exc)) from exc
+        problem = ctx.scratch.get("push_urls", {}).get(values["url"], "was not checked")
+        if problem:  # resolved by push_set_prepare, before the write transaction
+            raise invalid_properties(["url"], problem)
         mine = PushSubscription.select().where(PushSubscription.account_pk == ctx.user.pk)
         if mine.where(PushSubscription.destroyed == False).count() >= MAX_PUSH_SUBSCRIPTIONS:  # noqa: E712
             raise SetError("overQuota", f"at most {MAX_PUSH_SUBSCRIPTIONS} push subscriptions")
@@ -4461,7 +4514,7 @@ class PushSubscriptionType(TypeSpec):
         PushSubscription.update(credential=ctx.user.credential, created_at=int(ctx.now),
                                 expected_code=secrets.token_hex(16)).where(
             PushSubscription.pk == row.pk).execute()
-        ctx.app.push_wake.set()
+        ctx.after_commit.append(ctx.app.push_wake.set)
 
     def on_update(self, ctx, row, values):
         if "verificationCode" in values and row.verification_code == row.expected_code:
@@ -4471,7 +4524,7 @@ class PushSubscriptionType(TypeSpec):
                     "SELECT modseq FROM account WHERE pk = ?", (account.pk,)).fetchone()[0])}
                 for account, _ in ctx.app.accessible_accounts(ctx.user).values()})
             row.save()
-        ctx.app.push_wake.set()
+        ctx.after_commit.append(ctx.app.push_wake.set)
 
     def on_destroy(self, ctx, row, args):
         row.url, row.keys, row.expected_code = "", None, ""  # saved with the tombstone
@@ -4506,7 +4559,24 @@ def push_subscription_get(ctx: Call, raw_args: dict) -> dict:
     return {"list": result["list"], "notFound": result["notFound"]}
 
 
-@jmap_method("PushSubscription/set", CAP_CORE, writes=True, takes_account=False)
+def push_set_prepare(ctx: Call, raw_args: dict) -> None:
+    """Resolve the URLs of new subscriptions before the write transaction: a slow
+    resolver must not hold every other writer (and every delivery) waiting. The push
+    itself resolves again and connects to what it checked (push_post)."""
+    checked = ctx.scratch.setdefault("push_urls", {})
+    create = raw_args.get("create")
+    for obj in (create.values() if isinstance(create, dict) else ()):
+        url = obj.get("url") if isinstance(obj, dict) else None
+        if isinstance(url, str) and url not in checked and len(checked) < MAX_PUSH_SUBSCRIPTIONS:
+            try:
+                push_url_addresses(url, ctx.app.cfg.test_push_allow_loopback)
+                checked[url] = None
+            except ValueError as exc:
+                checked[url] = str(exc)
+
+
+@jmap_method("PushSubscription/set", CAP_CORE, writes=True, takes_account=False,
+             prepare=push_set_prepare)
 def push_subscription_set(ctx: Call, raw_args: dict) -> dict:
     """RFC 8620 §7.2.2: no accountId, ifInState, oldState or newState."""
     spec = _push_context(ctx)
@@ -6823,7 +6893,7 @@ def email_import(ctx: Call, raw_args: dict) -> dict:
               "created": {}, "notCreated": {}}
     for cid, item in args["emails"].items():
         _record_outcome(result, "created", "notCreated", cid,
-                        lambda: _import_one(ctx, cid, item))
+                        lambda: _import_one(ctx, cid, item), ctx.changes)
     result["newState"] = state_string(ctx.changes.touched.get("Email") or int(old_state))
     result["created"] = result["created"] or None
     result["notCreated"] = result["notCreated"] or None
@@ -8021,6 +8091,7 @@ class GroupCommit:
         """One delivery in its own savepoint of the group's transaction."""
         item = slot["item"]
         log_ = changes.setdefault(item.account_pk, ChangeLog(item.account_pk, now))
+        mark = log_.mark()
         try:
             with db.atomic():
                 deliver_stored(log_, item.facts, [item.mailbox_pk], {}, None, now,
@@ -8028,6 +8099,7 @@ class GroupCommit:
         except peewee.OperationalError:
             raise  # busy or broken database: nothing of the group commits
         except Exception as exc:  # noqa: BLE001 -- this message fails alone
+            log_.rollback(mark)  # its rows are gone: so are its change-log entries
             log.exception("delivery to account %d failed", item.account_pk)
             slot["error"] = exc
 
