@@ -485,6 +485,7 @@ class CoreLimits:
 # =============================================================================
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")  # RFC 8620 §1.2
+SINGLETON_ID = "singleton"  # the id of a singleton type's one object (RFC 8621 §8)
 
 
 def is_valid_id(value) -> bool:
@@ -2535,21 +2536,38 @@ def auth_token_create(auth: Authenticator, account: Account, label: str, now: fl
     return f"{public_id}.{secret}"
 
 
+@dataclass(frozen=True)
+class Capability:
+    """A capability the server may advertise (RFC 8620 §2): its session-level object,
+    its per-account object (None: not a capability accounts have), whether its account
+    goes in primaryAccounts, and whether a configuration offers it at all."""
+
+    uri: str
+    session: Callable  # (app, base_url, forwarded) -> dict
+    account: Callable | None = None  # (app, read_only) -> dict
+    primary: bool = True
+    offered: Callable = lambda cfg: True
+
+
+CAPABILITIES: dict[str, Capability] = {}  # the one registry; each section adds its own
+
+
+def register_capability(uri: str, session: Callable = lambda app, base, fwd: {},
+                        account: Callable | None = None, primary: bool = True,
+                        offered: Callable = lambda cfg: True) -> None:
+    """Declare a capability (at import time, from the section that implements it)."""
+    assert uri not in CAPABILITIES, uri
+    CAPABILITIES[uri] = Capability(uri, session, account, primary, offered)
+
+
+register_capability(CAP_CORE, lambda app, base, fwd: app.cfg.limits.as_capability(),
+                    account=lambda app, read_only: {}, primary=False)
+
+
 def session_account_capabilities(app, read_only: bool = False) -> dict:
     """The capabilities an account has, with their per-account values (RFC 8621 §1.3)."""
-    return {
-        CAP_CORE: {},
-        CAP_MAIL: {
-            "maxMailboxesPerEmail": MAX_MAILBOXES_PER_EMAIL,
-            "maxMailboxDepth": MAX_MAILBOX_DEPTH,
-            "maxSizeMailboxName": MAX_SIZE_MAILBOX_NAME,
-            "maxSizeAttachmentsPerEmail": app.cfg.max_size_upload,
-            "emailQuerySortOptions": sorted(EMAIL_SORTS),
-            "mayCreateTopLevelMailbox": not read_only,
-        },
-        CAP_SUBMISSION: submission_capability(app.cfg),
-        CAP_VACATION: {},
-    }
+    return {uri: CAPABILITIES[uri].account(app, read_only) for uri in app.capabilities
+            if CAPABILITIES[uri].account is not None}
 
 
 def session_resource(app, user: Account, base_url: str, forwarded: bool = False) -> dict:
@@ -2563,11 +2581,12 @@ def session_resource(app, user: Account, base_url: str, forwarded: bool = False)
         }
         for account, read_only in app.accessible_accounts(user).values()
     }
+    offered = [CAPABILITIES[uri] for uri in app.capabilities]
     session = {
-        "capabilities": {CAP_CORE: app.cfg.limits.as_capability(), CAP_MAIL: {},
-                         CAP_SUBMISSION: {}, CAP_VACATION: {}},
+        "capabilities": {cap.uri: cap.session(app, base_url, forwarded) for cap in offered},
         "accounts": accounts,
-        "primaryAccounts": {CAP_MAIL: user.id, CAP_SUBMISSION: user.id, CAP_VACATION: user.id},
+        "primaryAccounts": {cap.uri: user.id for cap in offered
+                            if cap.account is not None and cap.primary},
         "username": user.username,
         "apiUrl": f"{base_url}/jmap/api/",
         "downloadUrl": f"{base_url}/jmap/download/{{accountId}}/{{blobId}}/{{name}}?type={{type}}",
@@ -2576,9 +2595,6 @@ def session_resource(app, user: Account, base_url: str, forwarded: bool = False)
             f"{base_url}/jmap/eventsource/?types={{types}}&closeafter={{closeafter}}&ping={{ping}}"
         ),
     }
-    if app.cfg.websocket:  # RFC 8887 §4.1
-        session["capabilities"][CAP_WEBSOCKET] = {"url": ws_url(app, base_url, forwarded),
-                                                  "supportsPush": True}
     session["state"] = session_state(session)
     return session
 
@@ -3124,9 +3140,22 @@ PROP_KIND_CHECKS = {
 TYPES: dict[str, "TypeSpec"] = {}
 
 
+def type_id(type_name: str, pk: int) -> str:
+    """The JMAP id of a row of another type (its declaration says how ids look)."""
+    return TYPES[type_name].id_of(pk)
+
+
+def type_pk(type_name: str, raw_id) -> int | None:
+    """The key an id of another type names (no creation ids: see TypeSpec.pk_of)."""
+    return pk_from_id(TYPES[type_name].id_prefix, raw_id) if isinstance(raw_id, str) else None
+
+
 def register_type(cls):
     """Declare a JMAP type: register it and its standard methods."""
     spec = cls()
+    assert spec.name not in TYPES, spec.name
+    assert spec.singleton or all(other.id_prefix != spec.id_prefix for other in TYPES.values()
+                                 if not other.singleton), f"{spec.name}: id prefix taken"
     TYPES[spec.name] = spec
     handlers = {
         "get": (method_get, False),
@@ -3185,7 +3214,7 @@ class TypeSpec:
 
     # ---- reading ----
     def id_of(self, pk: int) -> str:
-        return id_for(self.id_prefix, pk)
+        return SINGLETON_ID if self.singleton else id_for(self.id_prefix, pk)
 
     def live(self, ctx: Call, keyed: bool = False):
         """The account's objects. `keyed`: the caller picks rows by key, so SQLite must
@@ -3197,7 +3226,11 @@ class TypeSpec:
             (account == ctx.account.pk) & (model.destroyed == False))  # noqa: E712
 
     def pk_of(self, ctx: Call, raw_id) -> int | None:
-        """The key an id (or "#creationId") names, None if it names nothing of ours."""
+        """The key an id (or "#creationId") names, None if it names nothing of ours.
+        A singleton's one object is "singleton" (RFC 8621 §8)."""
+        if self.singleton:
+            return self.live(ctx).select(self.model.pk).scalar() \
+                if raw_id == SINGLETON_ID else None
         return pk_from_id(self.id_prefix, resolve_creation_id(ctx, raw_id) or "")
 
     def load(self, ctx: Call, raw_id) -> JmapRow | None:
@@ -3300,6 +3333,9 @@ class TypeSpec:
 
     def changes_extra(self, ctx: Call, since: int, rows: list) -> dict:
         return {}
+
+    def create_defaults(self, changes: ChangeLog, account: Account) -> None:
+        """Make the objects a new account starts with (its Inbox, its Identity, …)."""
 
 
 # ---- /get (RFC 8620 §5.1) ----
@@ -4637,7 +4673,8 @@ class PushSender:
         self.watches = {pk: w for pk, w in self.watches.items() if pk in live}
         for row in rows:
             if not row.verification_sent:
-                body = {"@type": "PushVerification", "pushSubscriptionId": id_for("P", row.pk),
+                body = {"@type": "PushVerification",
+                        "pushSubscriptionId": type_id("PushSubscription", row.pk),
                         "verificationCode": row.expected_code}
                 if self.post(row, body, "normal"):
                     PushSubscription.update(verification_sent=True).where(
@@ -6021,11 +6058,11 @@ class MailboxType(TypeSpec):
             # The trash rule of unreadThreads changes for this Mailbox's threads: count
             # them before the role moves, again after (on_update).
             threads = mailbox_thread_pks(row.pk)
-            ctx.__dict__.setdefault("_recount", {})[row.pk] = (threads,
+            ctx.scratch.setdefault("recount", {})[row.pk] = (threads,
                                                                thread_counts_sum(threads))
 
     def on_update(self, ctx, row, values):
-        pending = ctx.__dict__.get("_recount", {}).pop(row.pk, None)
+        pending = ctx.scratch.get("recount", {}).pop(row.pk, None)
         if pending:
             threads, before = pending
             mailbox_apply_counts(ctx.changes, before, thread_counts_sum(threads))
@@ -6116,6 +6153,9 @@ class MailboxType(TypeSpec):
             pks = _mailbox_sort_as_tree(pks, parents)
         return pks
 
+    def create_defaults(self, changes, account):
+        mailbox_create_defaults(changes, account.pk)
+
     def can_calculate_changes(self, args):
         # A parent's change moves its whole subtree, which the generic algorithm misses.
         return not (args.get("sortAsTree") or args.get("filterAsTree"))
@@ -6198,7 +6238,7 @@ class ThreadType(TypeSpec):
         emails = (Email.select(Email.pk)
                   .where((Email.thread_pk == row.pk) & ~Email.destroyed)
                   .order_by(Email.received_at, Email.pk).tuples())
-        return [id_for("e", pk) for (pk,) in emails]
+        return [type_id("Email", pk) for (pk,) in emails]
 
 
 # =============================================================================
@@ -6279,13 +6319,13 @@ def _first_of_each_thread(rows):
 def _filter_in_mailbox(ctx, value):
     # EXISTS, not IN: SQLite checks each row as it walks the received_at index, so a
     # first page of a large Mailbox reads only that page.
-    pk = pk_from_id("M", resolve_creation_id(ctx, a_id(value)))
+    pk = type_pk("Mailbox", resolve_creation_id(ctx, a_id(value)))
     return peewee.fn.EXISTS(EmailMailbox.select(peewee.SQL("1")).where(
         (EmailMailbox.mailbox_pk == (pk or -1)) & (EmailMailbox.email_pk == Email.pk)))
 
 
 def _filter_in_mailbox_other_than(ctx, value):
-    pks = [pk_from_id("M", resolve_creation_id(ctx, i)) or -1 for i in a_ids(value)]
+    pks = [type_pk("Mailbox", resolve_creation_id(ctx, i)) or -1 for i in a_ids(value)]
     return peewee.fn.EXISTS(EmailMailbox.select(peewee.SQL("1")).where(
         (EmailMailbox.email_pk == Email.pk) & EmailMailbox.mailbox_pk.not_in(pks)))
 
@@ -6344,6 +6384,21 @@ EMAIL_SORTS = {
     "someInThreadHaveKeyword": _keyword_sort(_some_in_thread),
 }
 _THREAD_WIDE = {"allInThreadHaveKeyword", "someInThreadHaveKeyword", "noneInThreadHaveKeyword"}
+
+
+def mail_account_capability(app, read_only: bool) -> dict:
+    """urn:ietf:params:jmap:mail in an account (RFC 8621 §1.3.1)."""
+    return {
+        "maxMailboxesPerEmail": MAX_MAILBOXES_PER_EMAIL,
+        "maxMailboxDepth": MAX_MAILBOX_DEPTH,
+        "maxSizeMailboxName": MAX_SIZE_MAILBOX_NAME,
+        "maxSizeAttachmentsPerEmail": app.cfg.max_size_upload,
+        "emailQuerySortOptions": sorted(EMAIL_SORTS),
+        "mayCreateTopLevelMailbox": not read_only,
+    }
+
+
+register_capability(CAP_MAIL, account=mail_account_capability)
 
 
 def _uses_thread_state(args: dict) -> bool:
@@ -6408,25 +6463,25 @@ class EmailType(TypeSpec):
         for name in wanted:
             if name not in BODY_PART_PROPERTIES and not self.check_property(name):
                 raise MethodError("invalidArguments", f"unknown body property {name!r}")
-        ctx.body_properties = wanted
+        ctx.scratch["body_properties"] = wanted
         # bodyStructure is the whole MIME tree (RFC 8621 §4.1.4): without bodyProperties
         # it keeps its subParts, which §4.2's default list leaves out for the flat lists;
         # clients find attachments through them. An explicit list is taken as it is.
-        ctx.structure_properties = wanted if args["bodyProperties"] is not None \
+        ctx.scratch["structure_properties"] = wanted if args["bodyProperties"] is not None \
             else DEFAULT_BODY_PROPERTIES + ["subParts"]
-        ctx.get_args = args
+        ctx.scratch["get_args"] = args
 
     def compute(self, ctx, row, name):
         # long: one branch per computed Email property, RFC 8621 §4.1
         if name == "blobId":
             return blob_id(row.blob_sha256)
         if name == "threadId":
-            return id_for("T", row.thread_pk)
+            return type_id("Thread", row.thread_pk)
         if name == "mailboxIds":
             pks = row.__dict__.get("_mailboxes")
             if pks is None:
                 pks = email_mailbox_pks(row.pk)
-            return {id_for("M", pk): True for pk in pks}
+            return {type_id("Mailbox", pk): True for pk in pks}
         if name == "keywords":
             return json.loads(row.keywords)
         summary = row.__dict__.get("_summary")
@@ -6541,7 +6596,7 @@ class EmailType(TypeSpec):
         return changed
 
     def _parsed(self, ctx, row) -> MimePart:
-        cache = ctx.__dict__.setdefault("parsed", {})
+        cache = ctx.scratch.setdefault("parsed", {})
         if row.pk not in cache:
             with blob_open(ctx.app.cfg.data_dir, row.blob_sha256) as f:
                 cache[row.pk] = mime_email(f.read())
@@ -6575,9 +6630,9 @@ def email_meta(ctx: Call, values: dict) -> tuple[list, dict, float | None]:
 
 def email_created(ctx: Call, cid: str, row: Email) -> dict:
     """The created/copied/imported answer: id, blobId, threadId, size (RFC 8621 §4.6)."""
-    ctx.created_ids[cid] = id_for("e", row.pk)
-    return {"id": id_for("e", row.pk), "blobId": blob_id(row.blob_sha256),
-            "threadId": id_for("T", row.thread_pk), "size": row.size}
+    ctx.created_ids[cid] = type_id("Email", row.pk)
+    return {"id": type_id("Email", row.pk), "blobId": blob_id(row.blob_sha256),
+            "threadId": type_id("Thread", row.thread_pk), "size": row.size}
 
 
 MESSAGE_PROPERTY_FALLBACK = {"headers": [], "bodyValues": {}, "textBody": [], "htmlBody": [],
@@ -6594,13 +6649,13 @@ def email_message_property(ctx: Call, root: MimePart, blob_base: str, name: str)
         return [{"name": n, "value": v} for n, v in root.headers]
     if name.startswith("header:"):
         return mime_header_property(root.headers, name)
-    body_properties = getattr(ctx, "body_properties", DEFAULT_BODY_PROPERTIES)
+    body_properties = ctx.scratch.get("body_properties", DEFAULT_BODY_PROPERTIES)
     if name == "bodyStructure":
-        return mime_part_json(root, blob_base, getattr(ctx, "structure_properties",
-                                                       body_properties))
+        return mime_part_json(root, blob_base, ctx.scratch.get("structure_properties",
+                                                               body_properties))
     text_body, html_body, attachments = mime_body_lists(root)
     if name == "bodyValues":
-        return email_body_values(root, text_body, html_body, getattr(ctx, "get_args", {}))
+        return email_body_values(root, text_body, html_body, ctx.scratch.get("get_args", {}))
     chosen = {"textBody": text_body, "htmlBody": html_body, "attachments": attachments}[name]
     return [mime_part_json(part, blob_base, body_properties) for part in chosen]
 
@@ -7231,6 +7286,9 @@ class IdentityType(TypeSpec):
         if not row.may_delete:
             raise SetError("forbidden", "the account's own address cannot be deleted")
 
+    def create_defaults(self, changes, account):
+        identity_create_default(changes, account)
+
 
 def identity_create_default(changes: ChangeLog, account: Account) -> None:
     row = Identity(account_pk=account.pk, email=account.username, may_delete=False)
@@ -7243,7 +7301,7 @@ def identity_create_default(changes: ChangeLog, account: Account) -> None:
 #     sent by delivery (section 8).
 # =============================================================================
 
-SINGLETON_ID = "singleton"
+register_capability(CAP_VACATION, account=lambda app, read_only: {})  # RFC 8621 §1.3.3
 
 
 @register_type
@@ -7263,13 +7321,8 @@ class VacationResponseType(TypeSpec):
         "htmlBody": Prop("str", "html_body", default=None, nullable=True, max_len=262144),
     }
 
-    def id_of(self, pk):
-        return SINGLETON_ID
-
-    def pk_of(self, ctx, raw_id):
-        if raw_id != SINGLETON_ID:
-            return None
-        return self.live(ctx).select(self.model.pk).scalar()
+    def create_defaults(self, changes, account):
+        vacation_create(changes, account.pk)
 
 
 def vacation_create(changes: ChangeLog, account_pk: int) -> None:
@@ -8670,17 +8723,21 @@ def submission_capability(cfg) -> dict:
             "submissionExtensions": {"FUTURERELEASE": [str(cfg.max_delayed_send)]}}
 
 
-def _ids_condition(column, prefix: str):
+register_capability(CAP_SUBMISSION, account=lambda app, read_only: submission_capability(
+    app.cfg))  # RFC 8621 §1.3.2
+
+
+def _ids_condition(column, type_name: str):
     def condition(ctx, value):
-        pks = [pk_from_id(prefix, i) for i in a_ids(value)]
+        pks = [type_pk(type_name, i) for i in a_ids(value)]
         return column.in_([pk for pk in pks if pk is not None])
     return condition
 
 
 SUBMISSION_FILTERS = {  # RFC 8621 §7.3
-    "identityIds": _ids_condition(EmailSubmission.identity_pk, "I"),
-    "emailIds": _ids_condition(EmailSubmission.email_pk, "e"),
-    "threadIds": _ids_condition(EmailSubmission.thread_pk, "T"),
+    "identityIds": _ids_condition(EmailSubmission.identity_pk, "Identity"),
+    "emailIds": _ids_condition(EmailSubmission.email_pk, "Email"),
+    "threadIds": _ids_condition(EmailSubmission.thread_pk, "Thread"),
     "undoStatus": lambda ctx, v: EmailSubmission.undo_status == a_str(v),
     "before": lambda ctx, v: EmailSubmission.send_at < parse_utc_date(a_str(v)),
     "after": lambda ctx, v: EmailSubmission.send_at >= parse_utc_date(a_str(v)),
@@ -8730,7 +8787,7 @@ class EmailSubmissionType(TypeSpec):
                 raise SetError("cannotUnsend", "the message is being sent or was sent")
 
     def on_create(self, ctx, row, values):
-        outgoing, mail_from, mail_params, rcpts, message_id = ctx.__dict__.pop("_outgoing")
+        outgoing, mail_from, mail_params, rcpts, message_id = ctx.scratch.pop("outgoing")
         sha, size = blob_store_bytes(ctx.app.cfg.data_dir, outgoing)
         blob_add_ref(ctx.account.pk, sha, size, "outbox", ctx.now, owner_pk=row.pk)
         EmailSubmission.update(message_id=message_id).where(
@@ -8751,12 +8808,13 @@ class EmailSubmissionType(TypeSpec):
         self._done(ctx, row)  # the record goes; a queued send still happens (RFC 8621 §7.5)
 
     def _done(self, ctx, row):
-        ctx.__dict__.setdefault("_submitted", {})[self.id_of(row.pk)] = id_for("e", row.email_pk)
+        ctx.scratch.setdefault("submitted", {})[self.id_of(row.pk)] = type_id("Email",
+                                                                            row.email_pk)
 
     def after_set(self, ctx, args, result):
         """onSuccessUpdateEmail / onSuccessDestroyEmail: one implicit Email/set, answered
         right after this response (RFC 8621 §7.5)."""
-        done = ctx.__dict__.pop("_submitted", {})
+        done = ctx.scratch.pop("submitted", {})
         succeeded = {c["id"] for c in (result["created"] or {}).values()}
         succeeded |= set(result["updated"] or {}) | set(result["destroyed"] or [])
         update, destroy = {}, []
@@ -8788,8 +8846,8 @@ def submission_prepare(ctx: Call, values: dict) -> None:
                                           "(serve --smtp-relay); nothing can be sent")
     if values["undoStatus"] != "pending":
         raise invalid_properties(["undoStatus"], "a new submission is pending")
-    identity = Identity.get_by_id(pk_from_id("I", values["identityId"]))
-    email = Email.get_by_id(pk_from_id("e", values["emailId"]))
+    identity = Identity.get_by_id(type_pk("Identity", values["identityId"]))
+    email = Email.get_by_id(type_pk("Email", values["emailId"]))
     if email.size > MAX_SIZE_SEND:
         raise SetError("tooLarge", "the message is too large to send", maxSize=MAX_SIZE_SEND)
     with blob_open(ctx.app.cfg.data_dir, email.blob_sha256) as f:
@@ -8811,14 +8869,14 @@ def submission_prepare(ctx: Call, values: dict) -> None:
     if mail_from and mail_from.lower() not in owned:
         raise SetError("forbiddenMailFrom", f"this account may not send as {mail_from}")
     send_at = submission_send_at(ctx, mail_params)
-    values.update(envelope=envelope, threadId=id_for("T", email.thread_pk),
+    values.update(envelope=envelope, threadId=type_id("Thread", email.thread_pk),
                   sendAt=utc_date(send_at), deliveryStatus={
                       address: {"smtpReply": "250 2.0.0 queued", "delivered": "queued",
                                 "displayed": "unknown"} for address, _ in rcpts})
     message_id = (mime_header_property(root.headers, "header:Message-ID:asMessageIds")
                   or [None])[0]
     outgoing = mime_crlf(mime_strip_fields(raw, {"bcc"}))  # RFC 5321 §2.3.8
-    ctx.__dict__["_outgoing"] = (outgoing, mail_from, mail_params, rcpts, message_id)
+    ctx.scratch["outgoing"] = (outgoing, mail_from, mail_params, rcpts, message_id)
 
 
 def submission_header_addresses(root: MimePart, name: str) -> list:
@@ -9098,7 +9156,7 @@ def submission_for_report(account_pk: int, first: dict, message_ids: list):
     """The EmailSubmission a report is about: by ENVID, else by the returned Message-ID."""
     live = EmailSubmission.select().where((EmailSubmission.account_pk == account_pk)
                                           & (EmailSubmission.destroyed == False))  # noqa: E712
-    pk = pk_from_id("S", first.get("original-envelope-id", ""))
+    pk = type_pk("EmailSubmission", first.get("original-envelope-id", ""))
     if pk is not None:
         row = live.where(EmailSubmission.pk == pk).first()
         if row is not None:
@@ -9175,7 +9233,7 @@ def _smtp_transaction(cfg, client, context, job: Outbox, rcpts: list, data: byte
                     for a, _ in rcpts}
         params.setdefault("SMTPUTF8", None)
     if job.submission_pk is not None and "ENVID" not in params:
-        params["ENVID"] = id_for("S", job.submission_pk)  # DSNs name the submission
+        params["ENVID"] = type_id("EmailSubmission", job.submission_pk)  # DSNs name it
     code, text = client.mail(job.mail_from, smtp_options(client, params))
     if code >= 300:
         client.rset()
@@ -9231,6 +9289,9 @@ def smtp_password(cfg) -> str:
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 WS_PATH = "/jmap/ws/"
+register_capability(  # RFC 8887 §4.1: offered only with a listener to reach
+    CAP_WEBSOCKET, lambda app, base, fwd: {"url": ws_url(app, base, fwd), "supportsPush": True},
+    offered=lambda cfg: bool(cfg.websocket))
 WS_MAX_HEAD = 16384
 WS_HANDSHAKE_TIMEOUT_S = 10
 WS_PING_S = 30  # an idle connection is pinged so proxies and NAT keep it open
@@ -9733,9 +9794,7 @@ class App:
         self.auth = Authenticator(cfg.test_cheap_hashing, self.clock, limiter)
         limiter.known = self.auth.known_address
         self.bus = ChangeBus()
-        self.capabilities = {CAP_CORE, CAP_MAIL, CAP_SUBMISSION, CAP_VACATION}
-        if cfg.websocket:
-            self.capabilities.add(CAP_WEBSOCKET)
+        self.capabilities = [uri for uri, cap in CAPABILITIES.items() if cap.offered(cfg)]
         self.inflight_lock = threading.Lock()
         self.inflight: dict[tuple, int] = {}
         self.request_ids = itertools.count(1)
@@ -10327,9 +10386,8 @@ def account_create(auth: Authenticator, username: str, password: str, now: float
             username=username, password_hash=password_hash, created_at=int(now)
         )
         changes = ChangeLog(account.pk, now)
-        mailbox_create_defaults(changes, account.pk)
-        identity_create_default(changes, account)
-        vacation_create(changes, account.pk)
+        for spec in TYPES.values():  # what every account starts with: Inbox, Identity, …
+            spec.create_defaults(changes, account)
         changes.flush()
     return account
 
