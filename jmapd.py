@@ -3481,22 +3481,9 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     args = take_args(raw_args, {**SET_ARGS, **spec.set_args})
     create, update = args["create"] or {}, args["update"] or {}
     destroy = list(dict.fromkeys(args["destroy"] or []))
-    if len(create) + len(update) + len(destroy) > ctx.limits.max_objects_in_set:
-        raise MethodError("requestTooLarge", "more changes than maxObjectsInSet")
-    old_state = spec.state(ctx)
-    if args["ifInState"] is not None and args["ifInState"] != old_state:
-        raise MethodError("stateMismatch", f"state is {old_state}")
-    result = {
-        "accountId": ctx.account.id,
-        "oldState": old_state,
-        "newState": None,
-        "created": {},
-        "updated": {},
-        "destroyed": [],
-        "notCreated": {},
-        "notUpdated": {},
-        "notDestroyed": {},
-    }
+    result = set_begin(spec, ctx, len(create) + len(update) + len(destroy), args["ifInState"],
+                       "created", "updated", "destroyed", "notCreated", "notUpdated",
+                       "notDestroyed")
     for cid, obj in _creation_order(spec, create):
         _record_outcome(result, "created", "notCreated", cid,
                         lambda: set_create_one(spec, ctx, cid, obj), ctx.changes)
@@ -3511,11 +3498,45 @@ def method_set(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
                         lambda: set_destroy_one(spec, ctx, raw_id, args), ctx.changes)
     ctx.pending = {}
     spec.validate_final(ctx)
-    result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
-    for key in ("created", "updated", "destroyed", "notCreated", "notUpdated", "notDestroyed"):
-        result[key] = result[key] or None  # RFC 8620 §5.3: empty maps are null
+    set_finish(spec, ctx, result)
     spec.after_set(ctx, args, result)
     return result
+
+
+def set_begin(spec: TypeSpec, ctx: Call, count: int, if_in_state, *outcomes) -> dict:
+    """The set-like response every method that creates or changes objects answers with
+    (/set, /copy, Email/import, …, RFC 8620 §5.3): maxObjectsInSet and ifInState are
+    checked, oldState taken, and the given outcome members start empty."""
+    if count > ctx.limits.max_objects_in_set:
+        raise MethodError("requestTooLarge", "more changes than maxObjectsInSet")
+    old_state = spec.state(ctx)
+    if if_in_state is not None and if_in_state != old_state:
+        raise MethodError("stateMismatch", f"state is {old_state}")
+    result = {"accountId": ctx.account.id, "oldState": old_state, "newState": None}
+    result.update((key, [] if key == "destroyed" else {}) for key in outcomes)
+    return result
+
+
+def set_finish(spec: TypeSpec, ctx: Call, result: dict) -> None:
+    """newState, and null for every empty outcome (RFC 8620 §5.3)."""
+    result["newState"] = state_string(ctx.changes.touched.get(spec.name)
+                                      or int(result["oldState"]))
+    for key in ("created", "updated", "destroyed", "notCreated", "notUpdated", "notDestroyed"):
+        if key in result:
+            result[key] = result[key] or None
+
+
+def implicit_set(ctx: Call, type_name: str, args: dict) -> None:
+    """An implicit Foo/set that another method asks for (RFC 8620 §5.4
+    onSuccessDestroyOriginal, RFC 8621 §7.5 onSuccessUpdateEmail…): in a savepoint of
+    its own, answered right after the call that asked, with that call's id."""
+    try:
+        with db.atomic():
+            done = method_set(TYPES[type_name], ctx, args)
+    except MethodError as exc:
+        ctx.extra_responses.append(("error", exc.as_json()))
+    else:
+        ctx.extra_responses.append((f"{type_name}/set", done))
 
 
 def json_equal(a, b) -> bool:
@@ -3812,43 +3833,22 @@ def method_copy(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     """Copy objects from another account into this one (RFC 8620 §5.4)."""
     args = take_args(raw_args, COPY_ARGS)
     src = _from_account(ctx, args["fromAccountId"])
-    if len(args["create"]) > ctx.limits.max_objects_in_set:
-        raise MethodError("requestTooLarge", "more copies than maxObjectsInSet")
     if args["ifFromInState"] is not None and args["ifFromInState"] != spec.state(src):
         raise MethodError("stateMismatch", "fromAccount state does not match ifFromInState")
-    old_state = spec.state(ctx)
-    if args["ifInState"] is not None and args["ifInState"] != old_state:
-        raise MethodError("stateMismatch", f"state is {old_state}")
-    result = {
-        "fromAccountId": src.account.id,
-        "accountId": ctx.account.id,
-        "oldState": old_state,
-        "newState": None,
-        "created": {},
-        "notCreated": {},
-    }
+    result = {"fromAccountId": src.account.id, **set_begin(
+        spec, ctx, len(args["create"]), args["ifInState"], "created", "notCreated")}
     copied = []
     for cid, obj in args["create"].items():
         _record_outcome(result, "created", "notCreated", cid,
                         lambda: spec.copy_one(ctx, src, cid, obj), ctx.changes)
         if cid in result["created"]:
             copied.append(obj["id"])
-    result["newState"] = state_string(ctx.changes.touched.get(spec.name) or int(old_state))
-    result["created"] = result["created"] or None
-    result["notCreated"] = result["notCreated"] or None
+    set_finish(spec, ctx, result)
     if args["onSuccessDestroyOriginal"] and copied and src.read_only:
         ctx.extra_responses.append(("error", {"type": "accountReadOnly"}))  # RFC 8620 §3.6.2
-    elif args["onSuccessDestroyOriginal"] and copied:
-        # RFC 8620 §5.4: an implicit Foo/set in the from-account, answered after this call.
-        destroy_args = {"accountId": src.account.id, "destroy": copied,
-                        "ifInState": args["destroyFromIfInState"]}
-        try:
-            with db.atomic():
-                done = method_set(spec, src, destroy_args)
-        except MethodError as exc:
-            ctx.extra_responses.append(("error", exc.as_json()))
-        else:
-            ctx.extra_responses.append((f"{spec.name}/set", done))
+    elif args["onSuccessDestroyOriginal"] and copied:  # RFC 8620 §5.4, in the from-account
+        implicit_set(src, spec.name, {"accountId": src.account.id, "destroy": copied,
+                                      "ifInState": args["destroyFromIfInState"]})
     return result
 
 
@@ -6939,19 +6939,12 @@ def email_import(ctx: Call, raw_args: dict) -> dict:
     """Add uploaded messages as Emails (RFC 8621 §4.8)."""
     args = take_args(raw_args, IMPORT_ARGS)
     spec = TYPES["Email"]
-    if len(args["emails"]) > ctx.limits.max_objects_in_set:
-        raise MethodError("requestTooLarge", "more emails than maxObjectsInSet")
-    old_state = spec.state(ctx)
-    if args["ifInState"] is not None and args["ifInState"] != old_state:
-        raise MethodError("stateMismatch", f"state is {old_state}")
-    result = {"accountId": ctx.account.id, "oldState": old_state, "newState": None,
-              "created": {}, "notCreated": {}}
+    result = set_begin(spec, ctx, len(args["emails"]), args["ifInState"], "created",
+                       "notCreated")
     for cid, item in args["emails"].items():
         _record_outcome(result, "created", "notCreated", cid,
                         lambda: _import_one(ctx, cid, item), ctx.changes)
-    result["newState"] = state_string(ctx.changes.touched.get("Email") or int(old_state))
-    result["created"] = result["created"] or None
-    result["notCreated"] = result["notCreated"] or None
+    set_finish(spec, ctx, result)
     return result
 
 
@@ -8828,15 +8821,8 @@ class EmailSubmissionType(TypeSpec):
                 destroy.append(done[sub_id])
         if not update and not destroy:
             return
-        email_args = {"accountId": ctx.account.id, "update": update or None,
-                      "destroy": destroy or None}
-        try:
-            with db.atomic():
-                answer = method_set(TYPES["Email"], ctx, email_args)
-        except MethodError as exc:
-            ctx.extra_responses.append(("error", exc.as_json()))
-        else:
-            ctx.extra_responses.append(("Email/set", answer))
+        implicit_set(ctx, "Email", {"accountId": ctx.account.id, "update": update or None,
+                                    "destroy": destroy or None})
 
 
 def submission_prepare(ctx: Call, values: dict) -> None:
