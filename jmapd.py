@@ -3167,7 +3167,8 @@ def register_type(cls):
     }
     for suffix in spec.methods:
         handler, writes = handlers[suffix]
-        jmap_method(f"{spec.name}/{suffix}", spec.capability, writes)(
+        prepare = spec.prepare_set if suffix == "set" else None
+        jmap_method(f"{spec.name}/{suffix}", spec.capability, writes, prepare=prepare)(
             functools.partial(handler, spec)
         )
     return cls
@@ -3336,6 +3337,10 @@ class TypeSpec:
 
     def create_defaults(self, changes: ChangeLog, account: Account) -> None:
         """Make the objects a new account starts with (its Inbox, its Identity, …)."""
+
+    def prepare_set(self, ctx: Call, args: dict) -> None:
+        """The analyse phase of a /set, before its write transaction: parse, write blob
+        files, resolve names; leave the results in ctx.scratch for the hooks."""
 
 
 # ---- /get (RFC 8620 §5.1) ----
@@ -6500,13 +6505,23 @@ class EmailType(TypeSpec):
         """An update's mailboxIds and keywords (RFC 8621 §4.6)."""
         email_meta(ctx, values)
 
+    def prepare_set(self, ctx, args):
+        """Write each new message, make its blob durable and analyse it, before the
+        transaction (a SetError from writing is kept for create_one to raise)."""
+        create = args.get("create")
+        prepared = ctx.scratch.setdefault("email_create", {})
+        for cid, raw_obj in (create.items() if isinstance(create, dict) else ()):
+            if isinstance(raw_obj, dict):
+                prepared[cid] = _email_compose(ctx, raw_obj)
+
     def create_one(self, ctx, cid, raw_obj):
-        """Write the message a client composed and store it (RFC 8621 §4.6)."""
+        """Store the message a client composed (RFC 8621 §4.6), written by prepare_set."""
         mailbox_pks, keywords, received_at = email_meta(ctx, raw_obj)
-        raw = mime_write_message(ctx, raw_obj)
-        sha, _ = blob_store_bytes(ctx.app.cfg.data_dir, raw)
-        row = email_store(ctx.changes, ctx.account.pk, email_analyse(raw, sha), mailbox_pks,
-                          keywords, received_at or ctx.now, ctx.now)
+        facts = ctx.scratch.get("email_create", {}).get(cid) or _email_compose(ctx, raw_obj)
+        if isinstance(facts, SetError):
+            raise facts
+        row = email_store(ctx.changes, ctx.account.pk, facts, mailbox_pks, keywords,
+                          received_at or ctx.now, ctx.now)
         return email_created(ctx, cid, row)
 
     def copy_one(self, ctx, src, cid, raw_obj):
@@ -6601,6 +6616,17 @@ class EmailType(TypeSpec):
             with blob_open(ctx.app.cfg.data_dir, row.blob_sha256) as f:
                 cache[row.pk] = mime_email(f.read())
         return cache[row.pk]
+
+
+def _email_compose(ctx: Call, raw_obj: dict):
+    """The MessageFacts of a message written from a client's Email, its blob durable; or
+    the SetError that writing it raised."""
+    try:
+        raw = mime_write_message(ctx, raw_obj)
+    except SetError as exc:
+        return exc
+    sha, _ = blob_store_bytes(ctx.app.cfg.data_dir, raw)
+    return email_analyse(raw, sha)
 
 
 def email_meta(ctx: Call, values: dict) -> tuple[list, dict, float | None]:
@@ -8766,6 +8792,17 @@ class EmailSubmissionType(TypeSpec):
         "mdnBlobIds": Prop("list", "mdn_blob_ids", server_set=True, json=True),
     }
 
+    def prepare_set(self, ctx, args):
+        """Read, parse and write out (Bcc removed) each Email to send, before the write
+        transaction."""
+        create = args.get("create")
+        prepared = ctx.scratch.setdefault("submission", {})
+        for raw_obj in (create.values() if isinstance(create, dict) else ()):
+            email_id = raw_obj.get("emailId") if isinstance(raw_obj, dict) else None
+            email = TYPES["Email"].load(ctx, email_id) if isinstance(email_id, str) else None
+            if email is not None and email.size <= MAX_SIZE_SEND and email.pk not in prepared:
+                prepared[email.pk] = submission_outgoing(ctx, email)
+
     def validate(self, ctx, values, row):
         if row is None:
             submission_prepare(ctx, values)
@@ -8780,8 +8817,7 @@ class EmailSubmissionType(TypeSpec):
                 raise SetError("cannotUnsend", "the message is being sent or was sent")
 
     def on_create(self, ctx, row, values):
-        outgoing, mail_from, mail_params, rcpts, message_id = ctx.scratch.pop("outgoing")
-        sha, size = blob_store_bytes(ctx.app.cfg.data_dir, outgoing)
+        (sha, size), mail_from, mail_params, rcpts, message_id = ctx.scratch.pop("outgoing")
         blob_add_ref(ctx.account.pk, sha, size, "outbox", ctx.now, owner_pk=row.pk)
         EmailSubmission.update(message_id=message_id).where(
             EmailSubmission.pk == row.pk).execute()
@@ -8836,9 +8872,9 @@ def submission_prepare(ctx: Call, values: dict) -> None:
     email = Email.get_by_id(type_pk("Email", values["emailId"]))
     if email.size > MAX_SIZE_SEND:
         raise SetError("tooLarge", "the message is too large to send", maxSize=MAX_SIZE_SEND)
-    with blob_open(ctx.app.cfg.data_dir, email.blob_sha256) as f:
-        raw = f.read()
-    root = mime_email(raw)
+    prepared = ctx.scratch.get("submission", {}).get(email.pk) \
+        or submission_outgoing(ctx, email)
+    root = prepared[0]
     owned = account_addresses(ctx.account.pk)
     senders = submission_header_addresses(root, "from")
     if not senders:
@@ -8861,8 +8897,16 @@ def submission_prepare(ctx: Call, values: dict) -> None:
                                 "displayed": "unknown"} for address, _ in rcpts})
     message_id = (mime_header_property(root.headers, "header:Message-ID:asMessageIds")
                   or [None])[0]
-    outgoing = mime_crlf(mime_strip_fields(raw, {"bcc"}))  # RFC 5321 §2.3.8
-    ctx.scratch["outgoing"] = (outgoing, mail_from, mail_params, rcpts, message_id)
+    ctx.scratch["outgoing"] = (prepared[1:], mail_from, mail_params, rcpts, message_id)
+
+
+def submission_outgoing(ctx: Call, email) -> tuple:
+    """(the parsed message, the sha and size of what goes to the relay: Bcc removed,
+    CRLF line ends, RFC 8621 §7.5, RFC 5321 §2.3.8, its blob durable)."""
+    with blob_open(ctx.app.cfg.data_dir, email.blob_sha256) as f:
+        raw = f.read()
+    sha, size = blob_store_bytes(ctx.app.cfg.data_dir, mime_crlf(mime_strip_fields(raw, {"bcc"})))
+    return mime_email(raw), sha, size
 
 
 def submission_header_addresses(root: MimePart, name: str) -> list:

@@ -570,7 +570,7 @@ def test_imported_mail_gets_no_vacation_reply(srv, sink, tmp_path):
                      + raw.replace(b"\r\n", b"\n") + b"\n")
     done = run_cli("import", "--user", user.address, mbox, data_dir=srv.data_dir)
     assert done.returncode == 0, done.stderr
-    assert "imported 1 messages" in done.stdout
+    assert "imported 1 message " in done.stdout
 
     url = user.client.session["uploadUrl"].replace("{accountId}", quote(user.id, safe=""))
     up = user.client.http.post(url, data=return_path(jmap_sender, message(
