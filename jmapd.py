@@ -359,6 +359,7 @@ def waitress_run_until(server, stop_asked: Callable, on_stop: Callable) -> None:
     from waitress import wasyncore  # lazy: serve only
 
     channels = getattr(server, "_map", None) or server.map
+    waitress_wake_on_signal(channels)
     deadline = None
     while True:
         wasyncore.loop(timeout=0.2, use_poll=True, map=channels, count=1)
@@ -373,6 +374,29 @@ def waitress_run_until(server, stop_asked: Callable, on_stop: Callable) -> None:
             break
     server.task_dispatcher.shutdown(timeout=5)
     wasyncore.close_all(channels)
+
+
+def waitress_wake_on_signal(channels: dict) -> None:
+    """Let a signal wake waitress's loop at once: Python writes a byte to the wake-up fd
+    when a signal arrives (signal.set_wakeup_fd, async-signal-safe), and the loop polls
+    its other end, so a stop is seen now rather than at the next poll timeout."""
+    from waitress import wasyncore  # lazy: serve only
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+
+    class Wakeup(wasyncore.dispatcher):
+        def writable(self):
+            return False
+
+        def handle_read(self):
+            try:
+                self.recv(4096)  # what woke us; the handler has recorded the signal
+            except OSError:
+                pass
+
+    Wakeup(reader, map=channels).writer = writer  # kept alive as long as the loop's map
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
 
 
 def _waitress_idle(server, channels: dict) -> bool:
@@ -481,7 +505,7 @@ class CoreLimits:
 # =============================================================================
 # 2.2 IDS, CLOCK, DATES, JSON, JSON POINTER
 #     Small pure helpers used everywhere. JMAP Ids are strings (`id`), database
-#     keys are ints (`pk`); id_for()/pk_from_id() are the only bridge.
+#     keys are ints (`pk`); TypeSpec.id_of()/pk_from_raw() (IdScheme) are the bridge.
 # =============================================================================
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")  # RFC 8620 §1.2
@@ -506,6 +530,69 @@ def pk_from_id(prefix: str, raw_id) -> int | None:
     if not digits.isdigit() or digits.startswith("0") or len(digits) > 18:
         return None
     return int(digits)
+
+
+class IdScheme:
+    """JMAP ids that say nothing about how many objects exist: a row's id is its type's
+    prefix and a keyed permutation of its key (a four-round Feistel network over 64 bits,
+    BLAKE2b as the round function, a key per table from the database's secret), in 13
+    base-32 letters. Rows older than the scheme keep the plain ids they were given."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+
+    def __init__(self, secret: bytes, first_new: dict):
+        self.secret, self.first_new = secret, first_new
+        self.keys: dict[str, bytes] = {}
+        self.encode = functools.lru_cache(maxsize=65536)(self._encode)
+        self.decode = functools.lru_cache(maxsize=65536)(self._decode)
+
+    @classmethod
+    def load(cls, database) -> "IdScheme":
+        secret = database.execute_sql("SELECT value FROM server_secret WHERE name = 'ids'") \
+            .fetchone()[0]
+        first = dict(database.execute_sql("SELECT table_name, first_new_pk FROM id_scheme"))
+        return cls(bytes(secret), first)
+
+    def _key(self, table: str) -> bytes:
+        if table not in self.keys:
+            self.keys[table] = hashlib.blake2b(table.encode(), key=self.secret).digest()
+        return self.keys[table]
+
+    def _round(self, key: bytes, index: int, half: int) -> int:
+        digest = hashlib.blake2b(half.to_bytes(4, "big"), key=key, digest_size=4,
+                                 person=b"jmapd-id-%d" % index).digest()
+        return int.from_bytes(digest, "big")
+
+    def _encode(self, table: str, pk: int) -> str:
+        """The id body of a key: plain digits for rows older than the scheme."""
+        if pk < self.first_new.get(table, 1):
+            return str(pk)
+        key, left, right = self._key(table), pk >> 32, pk & 0xFFFFFFFF
+        for index in range(4):
+            left, right = right, left ^ self._round(key, index, right)
+        block, letters = (left << 32) | right, []
+        for _ in range(13):
+            block, digit = divmod(block, 32)
+            letters.append(self.ALPHABET[digit])
+        return "".join(reversed(letters))
+
+    def _decode(self, table: str, body: str) -> int | None:
+        """The key an id body names, or None."""
+        if body.isdigit():  # an id from before the scheme, and only such
+            pk = int(body) if len(body) <= 18 and not body.startswith("0") else None
+            return pk if pk is not None and pk < self.first_new.get(table, 1) else None
+        if len(body) != 13 or any(ch not in self.ALPHABET for ch in body):
+            return None
+        block = 0
+        for ch in body:
+            block = block * 32 + self.ALPHABET.index(ch)
+        if block >> 64:
+            return None
+        key, left, right = self._key(table), block >> 32, block & 0xFFFFFFFF
+        for index in reversed(range(4)):
+            left, right = right ^ self._round(key, index, left), left
+        pk = (left << 32) | right
+        return pk if pk >= self.first_new.get(table, 1) else None
 
 
 class Clock:
@@ -1786,7 +1873,22 @@ def _migration_10_search_version_login_addresses(database) -> None:
             PRIMARY KEY (account_pk, address)) WITHOUT ROWID""")
 
 
-MIGRATIONS = (
+def _migration_11_id_scheme(database) -> None:
+    # Ids were the row keys, counted across all accounts, so a user could tell from two of
+    # their own ids how much others had stored meanwhile. New rows get ids that say
+    # nothing (IdScheme); rows made before keep the ids clients already hold.
+    database.execute_sql("CREATE TABLE server_secret (name TEXT PRIMARY KEY, value BLOB "
+                         "NOT NULL) WITHOUT ROWID")
+    database.execute_sql("INSERT INTO server_secret VALUES ('ids', randomblob(32))")
+    database.execute_sql("CREATE TABLE id_scheme (table_name TEXT PRIMARY KEY, first_new_pk "
+                         "INTEGER NOT NULL) WITHOUT ROWID")
+    for table in ("mailbox", "thread", "email", "identity", "vacation_response",
+                  "email_submission", "push_subscription"):
+        database.execute_sql(f"INSERT INTO id_scheme SELECT '{table}', COALESCE(MAX(pk), 0) + 1 "
+                             f"FROM {table}")
+
+
+MIGRATIONS = [
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
     (3, "email and thread", _migration_3_email),
@@ -1798,8 +1900,43 @@ MIGRATIONS = (
     (9, "push subscription state", _migration_9_push_state),
     (10, "search extraction version, login addresses",
      _migration_10_search_version_login_addresses),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+    (11, "ids that do not count", _migration_11_id_scheme),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]  # of the types built in; see schema_version()
+
+
+def register_migration(version: int, name: str, migrate: Callable) -> None:
+    """Add a migration (a type declared outside this file brings its table this way),
+    before any database is opened; versions only grow."""
+    assert version > MIGRATIONS[-1][0], version
+    MIGRATIONS.append((version, name, migrate))
+
+
+def schema_version() -> int:
+    """The schema this process brings its databases to."""
+    return MIGRATIONS[-1][0]
+
+
+def db_object_table(database, table: str, columns: dict, *, document: bool = False,
+                    search: tuple = ()) -> None:
+    """Make the table of a JMAP type in a migration: its own `columns` {name: SQL type}
+    plus what the machine needs — the account, the change-log columns (created_modseq,
+    updated_modseq, destroyed, destroyed_at), the JSON document of a document type —
+    the change index, and an FTS5 table for the `search` columns. What this makes for a
+    given call never changes: migrations that used it are never edited."""
+    own = "".join(f",\n            {name} {sql}" for name, sql in columns.items())
+    database.execute_sql(f"""CREATE TABLE {table} (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_pk INTEGER NOT NULL REFERENCES account(pk) ON DELETE CASCADE{own},
+            {"doc TEXT NOT NULL," if document else ""}
+            created_modseq INTEGER NOT NULL,
+            updated_modseq INTEGER NOT NULL,
+            destroyed INTEGER NOT NULL DEFAULT 0,
+            destroyed_at INTEGER)""")
+    database.execute_sql(f"CREATE INDEX {table}_changes ON {table}(account_pk, updated_modseq)")
+    if search:
+        database.execute_sql(f"CREATE VIRTUAL TABLE {table}_fts USING fts5("
+                             f"{', '.join(search)}, tokenize='unicode61 remove_diacritics 2')")
 
 
 def db_schema_version(database) -> int:
@@ -1816,9 +1953,9 @@ def db_migrate(database) -> None:
     """Apply every migration newer than the database, each in its own transaction."""
     with database.atomic("IMMEDIATE"):
         current = db_schema_version(database)
-    if current > SCHEMA_VERSION:
+    if current > schema_version():
         raise ConfigError(
-            f"database schema {current} is newer than this jmapd ({SCHEMA_VERSION}); "
+            f"database schema {current} is newer than this jmapd ({schema_version()}); "
             "upgrade jmapd"
         )
     for version, name, migrate in MIGRATIONS:
@@ -1833,9 +1970,10 @@ def db_migrate(database) -> None:
                 (version, name, int(time.time())),
             )
         log.debug("database migrated to schema %d (%s)", version, name)
-    if current < SCHEMA_VERSION:
+    if current < schema_version():
         log.info("new database (schema %d)" if current == 0 else
-                 f"database upgraded from schema {current} to %d", SCHEMA_VERSION)
+                 f"database upgraded from schema {current} to %d", schema_version())
+    database.jmapd_ids = IdScheme.load(database)
 
 
 # =============================================================================
@@ -2862,7 +3000,8 @@ def _log_redacted(value, depth: int):
         return value
     out = {}
     for key, member in value.items():
-        if key in LOG_HIDDEN and member is not None:
+        name = key.split("/", 1)[0]  # a PatchObject's path names the property first
+        if name in LOG_HIDDEN and member is not None:
             out[key] = "(hidden)"
         elif key in LOG_TEXT and isinstance(member, str):
             out[key] = f"({len(member)} characters)"
@@ -3147,7 +3286,7 @@ def type_id(type_name: str, pk: int) -> str:
 
 def type_pk(type_name: str, raw_id) -> int | None:
     """The key an id of another type names (no creation ids: see TypeSpec.pk_of)."""
-    return pk_from_id(TYPES[type_name].id_prefix, raw_id) if isinstance(raw_id, str) else None
+    return TYPES[type_name].pk_from_raw(raw_id)
 
 
 def register_type(cls):
@@ -3215,7 +3354,15 @@ class TypeSpec:
 
     # ---- reading ----
     def id_of(self, pk: int) -> str:
-        return SINGLETON_ID if self.singleton else id_for(self.id_prefix, pk)
+        if self.singleton:
+            return SINGLETON_ID
+        return self.id_prefix + db.obj.jmapd_ids.encode(self.model._meta.table_name, pk)
+
+    def pk_from_raw(self, raw_id) -> int | None:
+        """The key an id of this type names (IdScheme), None if it names nothing."""
+        if not isinstance(raw_id, str) or not raw_id.startswith(self.id_prefix):
+            return None
+        return db.obj.jmapd_ids.decode(self.model._meta.table_name, raw_id[len(self.id_prefix):])
 
     def live(self, ctx: Call, keyed: bool = False):
         """The account's objects. `keyed`: the caller picks rows by key, so SQLite must
@@ -3229,10 +3376,9 @@ class TypeSpec:
     def pk_of(self, ctx: Call, raw_id) -> int | None:
         """The key an id (or "#creationId") names, None if it names nothing of ours.
         A singleton's one object is "singleton" (RFC 8621 §8)."""
-        if self.singleton:
-            return self.live(ctx).select(self.model.pk).scalar() \
-                if raw_id == SINGLETON_ID else None
-        return pk_from_id(self.id_prefix, resolve_creation_id(ctx, raw_id) or "")
+        if self.singleton and raw_id == SINGLETON_ID:
+            return self.live(ctx).select(self.model.pk).scalar()
+        return self.pk_from_raw(resolve_creation_id(ctx, raw_id))
 
     def load(self, ctx: Call, raw_id) -> JmapRow | None:
         pk = self.pk_of(ctx, raw_id)
@@ -3723,11 +3869,11 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
 
 def set_destroy_one(spec: TypeSpec, ctx: Call, raw_id: str, args: dict) -> None:
     """Destroy one record, leaving a tombstone for /changes."""
+    if spec.singleton:  # RFC 8620 §5.3: whatever the id, nothing of it is destroyed
+        raise SetError("singleton", f"the {spec.name} cannot be destroyed")
     row = spec.load(ctx, raw_id)
     if row is None:
         raise SetError("notFound", f"no {spec.name} {raw_id!r}")
-    if spec.singleton:
-        raise SetError("singleton", f"the {spec.name} cannot be destroyed")
     spec.on_destroy(ctx, row, args)
     record_change(ctx.changes, spec.name, row, "destroyed")
 
@@ -3775,7 +3921,7 @@ def _columns(spec: TypeSpec, values: dict) -> dict:
         if prop.column is None:
             continue
         if prop.ref and value is not None:
-            value = pk_from_id(TYPES[prop.ref].id_prefix, value)
+            value = TYPES[prop.ref].pk_from_raw(value)
         elif prop.kind == "utcdate" and value is not None:
             value = int(parse_utc_date(value))
         elif prop.json and value is not None:
@@ -5572,7 +5718,8 @@ def mime_date(raw: str) -> str | None:
     sign = "-" if offset < 0 else "+"
     hours, minutes = divmod(abs(offset) // 60, 60)
     zone = "Z" if offset == 0 else f"{sign}{hours:02d}:{minutes:02d}"
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + zone
+    # RFC 3339 years have four digits (strftime's %Y does not pad a year below 1000)
+    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}" + zone
 
 
 def mime_date_timestamp(value: str | None) -> int | None:
@@ -5976,7 +6123,7 @@ def _mailbox_role(value: str) -> str:
 def _filter_mailbox_parent(ctx, value):
     if value is None:
         return Mailbox.parent_pk.is_null()
-    pk = pk_from_id(MailboxType.id_prefix, resolve_creation_id(ctx, a_id(value)))
+    pk = type_pk("Mailbox", resolve_creation_id(ctx, a_id(value)))
     return Mailbox.parent_pk == (pk or -1)
 
 
@@ -6036,7 +6183,7 @@ class MailboxType(TypeSpec):
 
     def validate(self, ctx, values, row):
         """Enforce the tree and role rules (RFC 8621 §2)."""
-        parent_pk = pk_from_id(self.id_prefix, values["parentId"]) if values["parentId"] else None
+        parent_pk = self.pk_from_raw(values["parentId"]) if values["parentId"] else None
         if row is not None and row.role == "inbox" and (
             values["name"] != row.name or parent_pk != row.parent_pk
         ):
@@ -10750,8 +10897,8 @@ def _status_database(cfg: Config) -> tuple[str, str | None]:
     blobs = [sha for (sha,) in db.execute_sql("SELECT sha256 FROM blob")]
     missing = sum(not os.path.exists(blob_path(cfg.data_dir, sha)) for sha in blobs)
     text = f"schema {version}, {len(blobs)} blobs, {missing} missing"
-    if version != SCHEMA_VERSION:
-        return text, f"schema {version}, this jmapd expects {SCHEMA_VERSION}"
+    if version != schema_version():
+        return text, f"schema {version}, this jmapd expects {schema_version()}"
     return text, f"{missing} blob files are missing (run check)" if missing else None
 
 
@@ -10820,7 +10967,7 @@ def cmd_check(cfg: Config) -> int:
     """Report the schema version and verify every blob; exit 1 if anything is damaged."""
     db_open(cfg.data_dir, create=False)
     version = db.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()[0]
-    print(f"schema version {version} (this jmapd: {SCHEMA_VERSION})")
+    print(f"schema version {version} (this jmapd: {schema_version()})")
     problems = 0
     known = set()
     for sha, size in Blob.select(Blob.sha256, Blob.size).tuples():
@@ -10836,7 +10983,7 @@ def cmd_check(cfg: Config) -> int:
         print(f"orphan file blobs/{sha[:2]}/{sha} (no database row)")
     print(f"{len(known)} blobs checked, {problems} damaged or missing, {len(orphans)} orphan "
           f"files, {unreferenced} blobs awaiting purge")
-    return 1 if problems or version != SCHEMA_VERSION else 0
+    return 1 if problems or version != schema_version() else 0
 
 
 def _blob_file_state(data_dir: str, sha: str, size: int) -> str:
@@ -11019,17 +11166,20 @@ def cmd_serve(cfg: Config) -> int:
     log.info("jmapd %s, data in %s (%d users)", __version__, os.path.abspath(cfg.data_dir),
              Account.select().count())
     serve_record(cfg, listeners)
-    log.info("jmapd %s listening on %s (ready in %.0f ms)", __version__, listeners[0][1],
-             (time.monotonic() - started) * 1000)
     # A signal handler only records the request: taking a lock in one (Event.set) would
-    # deadlock when a second signal arrives while the first handler holds it.
+    # deadlock when a second signal arrives while the first handler holds it. The
+    # wake-up fd makes waitress's loop notice it at once.
     asked = SimpleNamespace(stop=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: setattr(asked, "stop", True))
+    log.info("jmapd %s listening on %s (ready in %.0f ms)", __version__, listeners[0][1],
+             (time.monotonic() - started) * 1000)
     release_free_memory()
     sd_notify("READY=1")
     waitress_run_until(server, lambda: asked.stop,
                        on_stop=lambda: (stopping.set(), _serve_stopping(app)))
+    for signum in (signal.SIGTERM, signal.SIGINT):  # more signals while we finish: ignored
+        signal.signal(signum, signal.SIG_IGN)  # (at exit Python would restore the default)
     for other in others:
         other.shutdown()  # a delivery under way finishes; its MTA gets its answer
     for path in (cfg.lmtp_socket, cfg.unix_socket, serve_record_path(cfg)):

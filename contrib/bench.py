@@ -4,6 +4,7 @@
     python3 contrib/bench.py                 # every benchmark
     python3 contrib/bench.py startup echo    # some of them
     python3 contrib/bench.py upload --upload-mb 100
+    python3 contrib/bench.py adversarial     # parse time of hostile message shapes
 
 Each benchmark starts a real `jmapd.py serve` on 127.0.0.1 with a fresh data directory
 (real argon2 parameters) and talks to it over HTTP with `requests`. Figures are printed
@@ -12,6 +13,7 @@ one per line as `name: value unit`. Speed is measured here, never asserted in te
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import statistics
@@ -495,9 +497,102 @@ def bench_push(args):
     server.stop()
 
 
+# ---- adversarial messages (issue 16): parse time by shape and size ----
+
+
+def adversarial_message(shape: str, size: int, max_parts: int = 500) -> bytes:
+    """A message of about `size` octets of one adversarial shape."""
+    head = (b"From: Mallory <mallory@example.net>\r\nTo: me@example.com\r\n"
+            b"Date: Tue, 1 Nov 2026 10:00:00 +0100\r\nMessage-ID: <adversarial@example.net>\r\n"
+            b"MIME-Version: 1.0\r\n")
+    text = b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+    if shape == "comment_bomb":  # an HTML body of nothing but "<!--"
+        line = b"<!--" * 19 + b"\r\n"
+        return (head + b"Subject: comments\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+                + line * (size // len(line)))
+    if shape == "folded_subject":  # "Subject: x (fwd) (fwd) ...", one (fwd) per line
+        return head + b"Subject: x" + b"\r\n (fwd)" * (size // 8) + b"\r\n" + text
+    if shape == "deep_nesting":  # 19 levels of multipart/mixed around one text part
+        line = b"x" * 76 + b"\r\n"
+        entity = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + line * (size // 78)
+        for level in range(19, 0, -1):
+            boundary = b"level-%02d" % level
+            entity = (b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n--'
+                      + boundary + b"\r\n" + entity + b"\r\n--" + boundary + b"--\r\n")
+        return head + b"Subject: nested\r\n" + entity
+    if shape == "many_parts":  # as many text parts as the parser allows, one multipart
+        leaves = max_parts - 1
+        line = b"word " * 15 + b"\r\n"
+        body = line * max(1, size // leaves // len(line))
+        part = b"--p\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body
+        return (head + b'Subject: parts\r\nContent-Type: multipart/mixed; boundary="p"\r\n\r\n'
+                + part * leaves + b"--p--\r\n")
+    if shape == "long_header":  # one To field of `size` octets, on one line
+        count = size // len(b"user000000@example.com, ")
+        addresses = b", ".join(b"user%06d@example.com" % i for i in range(count))
+        return head.replace(b"To: me@example.com\r\n", b"To: " + addresses + b"\r\n") \
+            + b"Subject: many recipients\r\n" + text
+    raise ValueError(shape)
+
+
+ADVERSARIAL_SHAPES = ("comment_bomb", "folded_subject", "deep_nesting", "many_parts",
+                      "long_header")
+ADVERSARIAL_CHILD = """
+import json, resource, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import bench, jmapd
+raw = bench.adversarial_message(sys.argv[3], int(sys.argv[4]),
+                                getattr(jmapd, "MAX_MIME_PARTS", 500))
+jmapd.mime_summary(jmapd.mime_email(bench.adversarial_message(sys.argv[3], 2000)))  # warm up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+root = jmapd.mime_email(raw)
+summary = jmapd.mime_summary(root)
+jmapd.mime_base_subject(summary["subject"])
+jmapd.search_body_text(root)
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "octets": len(raw),
+                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "before_kib": before}))
+"""
+
+
+def bench_adversarial(args):
+    """Time storing's parse of 1 MB and 10 MB messages of each adversarial shape (issue 16):
+    jmapd.mime_email, mime_summary, mime_base_subject of the subject and search_body_text,
+    as storing a message does. Each case runs in a child process of its own, stopped after
+    --adversarial-timeout seconds; the ratio 10 MB / 1 MB is ~10 for a linear parser."""
+    for shape in ADVERSARIAL_SHAPES:
+        seconds = {}
+        for megabytes in (1, 10):
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", ADVERSARIAL_CHILD, str(ROOT / "contrib"), str(ROOT),
+                     shape, str(megabytes * 1_000_000)],
+                    capture_output=True, text=True, timeout=args.adversarial_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"adversarial_{shape}_{megabytes}MB: timeout > {args.adversarial_timeout} s")
+                break
+            if done.returncode != 0:
+                why = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+                print(f"adversarial_{shape}_{megabytes}MB: failed ({why[0]})")
+                break
+            result = json.loads(done.stdout)
+            seconds[megabytes] = result["seconds"]
+            print(f"adversarial_{shape}_{megabytes}MB: {result['seconds']:.3f} s "
+                  f"({result['octets'] / 1e6:.1f} MB; child peak RSS "
+                  f"{result['peak_kib'] / 1024:.0f} MiB, {result['before_kib'] / 1024:.0f} MiB "
+                  "before parsing)")
+        if len(seconds) == 2:
+            print(f"adversarial_{shape}_ratio_10MB_1MB: {seconds[10] / max(seconds[1], 1e-9):.1f}")
+        else:
+            print(f"adversarial_{shape}_ratio_10MB_1MB: n/a")
+
+
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
               "upload": bench_upload, "store": bench_store, "mailbox": bench_mailbox,
-              "lmtp": bench_lmtp, "import": bench_import, "push": bench_push}
+              "lmtp": bench_lmtp, "import": bench_import, "push": bench_push,
+              "adversarial": bench_adversarial}
 
 
 def main():
@@ -511,6 +606,8 @@ def main():
     parser.add_argument("--mailbox", type=int, default=100_000, help="messages in the mailbox")
     parser.add_argument("--lmtp-messages", type=int, default=2000, help="messages sent by LMTP")
     parser.add_argument("--push-changes", type=int, default=100, help="changes timed per channel")
+    parser.add_argument("--adversarial-timeout", type=int, default=60,
+                        help="seconds one adversarial parse may take before it is stopped")
     parser.add_argument("--reuse", metavar="DIR", help="build the mailbox in DIR once and "
                         "measure it again on later runs (the user is bench@example.com)")
     args = parser.parse_args()

@@ -36,7 +36,7 @@ def set_counts(app, mailbox_id, **counts):
     """Change a Mailbox's counts the way Email changes will: a `counts` change record."""
     with jmapd.db.atomic("IMMEDIATE"):
         changes = jmapd.ChangeLog(app.user.pk, app.clock.now())
-        row = jmapd.Mailbox.get_by_id(jmapd.pk_from_id("M", mailbox_id))
+        row = jmapd.Mailbox.get_by_id(jmapd.type_pk("Mailbox", mailbox_id))
         for column, value in counts.items():
             setattr(row, column, value)
         jmapd.record_change(changes, "Mailbox", row, "counts")
