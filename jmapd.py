@@ -3253,7 +3253,8 @@ NO_DEFAULT = object()
 class Prop:
     """One property of a JMAP type: its kind, column and rules (RFC 8620 §5.3)."""
 
-    kind: str  # id, str, bool, uint, int, utcdate, object, list, any
+    kind: str  # id, idset, str, bool, uint, int, utcdate, object, list, any, and the
+    # JSCalendar/JSContact kinds localdatetime, utcdatetime, duration, signedduration, timezone
     column: str | None = None  # model attribute; None = computed by TypeSpec.compute()
     default: Any = NO_DEFAULT
     nullable: bool = False
@@ -3266,7 +3267,52 @@ class Prop:
     json: bool = False  # the column holds the value as JSON text
 
 
+_DURATION_TIME = r"T(?:\d+H(?:\d+M(?:\d+S)?)?|\d+M(?:\d+S)?|\d+S)"
+DURATION_RE = re.compile(  # JSCalendar 2.0 §1.5.6 (and §1.5.7: a sign in front)
+    rf"[+-]?P(?:(?:\d+W(?:\d+D)?|\d+D)(?:{_DURATION_TIME})?|{_DURATION_TIME})\Z")
+LOCAL_DATE_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ?\Z")
+
+
+def a_date_time(value, utc: bool):
+    """A JSCalendar UTCDateTime ("Z", no fraction) or LocalDateTime (no offset) that
+    names a real moment of the calendar (JSCalendar 2.0 §1.5.4, §1.5.5)."""
+    if not isinstance(value, str) or not LOCAL_DATE_TIME_RE.match(value) \
+            or value.endswith("Z") != utc:
+        raise ValueError("a UTCDateTime (…Z)" if utc else "a LocalDateTime (no offset)")
+    try:
+        datetime.fromisoformat(value.rstrip("Z"))
+    except ValueError:
+        raise ValueError("not a date and time of the calendar") from None
+    return value
+
+
+def a_duration(value, signed: bool):
+    if not isinstance(value, str) or not DURATION_RE.match(value) or (
+            not signed and value[:1] in "+-"):
+        raise ValueError("a Duration such as PT1H or P1DT12H")
+    return value
+
+
+def a_time_zone(value):
+    """An IANA time zone name the system's tz database knows (for zoneinfo)."""
+    if not isinstance(value, str) or value not in _time_zone_names():
+        raise ValueError("an IANA time zone name such as Europe/Berlin")
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _time_zone_names() -> frozenset:
+    import zoneinfo  # lazy: only time zone properties need the tz database
+
+    return frozenset(zoneinfo.available_timezones()) | {"UTC", "Etc/UTC"}
+
+
 PROP_KIND_CHECKS = {
+    "localdatetime": lambda v: a_date_time(v, utc=False),
+    "utcdatetime": lambda v: a_date_time(v, utc=True),
+    "duration": lambda v: a_duration(v, signed=False),
+    "signedduration": lambda v: a_duration(v, signed=True),
+    "timezone": a_time_zone,
     "str": a_str,
     "bool": a_bool,
     "int": a_int,
@@ -3488,6 +3534,19 @@ class TypeSpec:
         """The analyse phase of a /set, before its write transaction: parse, write blob
         files, resolve names; leave the results in ctx.scratch for the hooks."""
 
+    def update_row(self, ctx: Call, row, patch: dict):
+        """Apply a PatchObject to a loaded row (documents: to the document)."""
+        return update_from_props(self, ctx, row, patch)
+
+    def may(self, ctx: Call, row, action: str) -> bool:
+        """Whether the caller may "read", "update" or "destroy" this object (shared
+        calendars and address books answer from their myRights; a read-only account is
+        refused before any of this)."""
+        return True
+
+    def forget(self, ctx: Call, row) -> None:
+        """After an object is destroyed: drop what else refers to it (its search entry)."""
+
 
 # ---- /get (RFC 8620 §5.1) ----
 
@@ -3502,6 +3561,7 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     """Return the requested objects of a type (RFC 8620 §5.1)."""
     args = take_args(raw_args, {**GET_ARGS, **spec.get_args})
     wanted = _wanted_properties(spec, args["properties"])
+    ctx.scratch["all_properties"] = args["properties"] is None
     spec.prepare_get(ctx, args)
     state = spec.state(ctx)
     if args["ids"] is None:
@@ -3511,6 +3571,7 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
             ctx.limits.max_objects_in_get + 1))
         if len(rows) > ctx.limits.max_objects_in_get:
             raise MethodError("requestTooLarge", "more objects than maxObjectsInGet")
+        rows = [row for row in rows if spec.may(ctx, row, "read")]
         spec.prefetch(ctx, rows, wanted)
         return {
             "accountId": ctx.account.id,
@@ -3524,7 +3585,8 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     wanted_pks = {raw_id: spec.pk_of(ctx, raw_id) for raw_id in ids}
     pks = [pk for pk in wanted_pks.values() if pk is not None]
     rows = ({row.pk: row for row in read_only_rows(
-        spec.live(ctx, keyed=True).where(spec.model.pk.in_(pks)))} if pks else {})
+        spec.live(ctx, keyed=True).where(spec.model.pk.in_(pks)))
+        if spec.may(ctx, row, "read")} if pks else {})
     spec.prefetch(ctx, list(rows.values()), wanted)
     found = [spec.to_json(ctx, rows[wanted_pks[i]], wanted) for i in ids if wanted_pks[i] in rows]
     not_found = [i for i in ids if wanted_pks[i] not in rows]
@@ -3780,8 +3842,8 @@ def create_from_props(spec: TypeSpec, ctx: Call, cid: str, raw_obj: dict) -> dic
             continue
         try:
             values[name] = prop_value(spec, ctx, name, raw_value)
-        except ValueError:
-            bad.append(name)
+        except ValueError as exc:
+            bad.append(property_path(name, exc))
     defaulted = []
     for name, prop in spec.props.items():
         if name in values or prop.server_set or name in bad:
@@ -3827,6 +3889,14 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
         raise SetError("willDestroy", "the record is destroyed in the same call")
     if not isinstance(patch, dict):
         raise SetError("invalidPatch", "a PatchObject must be an object")
+    if not spec.may(ctx, row, "update"):
+        raise SetError("forbidden", f"you may not change this {spec.name}")
+    return spec.update_row(ctx, row, patch)
+
+
+def update_from_props(spec: TypeSpec, ctx: Call, row, patch: dict):
+    """The generic update: the patch applied to the row's properties, each changed one
+    checked, validate(), the columns written; return what changed beyond the patch."""
     base = spec.update_base(patch)
     current = spec.to_json(ctx, row, base)
     patched = apply_patch(spec, current, patch)
@@ -3842,8 +3912,8 @@ def set_update_one(spec: TypeSpec, ctx: Call, raw_id: str, patch, will_destroy: 
                 continue
             try:
                 changed[name] = prop_value(spec, ctx, name, value)
-            except ValueError:
-                bad.append(name)
+            except ValueError as exc:
+                bad.append(property_path(name, exc))
     if bad:
         raise invalid_properties(bad)
     if not changed:
@@ -3874,8 +3944,11 @@ def set_destroy_one(spec: TypeSpec, ctx: Call, raw_id: str, args: dict) -> None:
     row = spec.load(ctx, raw_id)
     if row is None:
         raise SetError("notFound", f"no {spec.name} {raw_id!r}")
+    if not spec.may(ctx, row, "destroy"):
+        raise SetError("forbidden", f"you may not destroy this {spec.name}")
     spec.on_destroy(ctx, row, args)
     record_change(ctx.changes, spec.name, row, "destroyed")
+    spec.forget(ctx, row)
 
 
 def _check_size(spec: TypeSpec, values: dict) -> None:
@@ -3900,6 +3973,8 @@ def prop_value(spec: TypeSpec, ctx: Call, name: str, value):
         if prop.ref and TYPES[prop.ref].load(ctx, real) is None:
             raise ValueError("no such record")  # RFC 8620 §5.3: bad foreign key
         value = real
+    elif prop.kind == "idset":
+        value = prop_id_set(ctx, prop, value)
     elif prop.kind == "utcdate":
         parse_utc_date(value)
     else:
@@ -3911,6 +3986,39 @@ def prop_value(spec: TypeSpec, ctx: Call, name: str, value):
     if prop.check:
         value = prop.check(value)
     return value
+
+
+class PropertyError(ValueError):
+    """A value that is wrong somewhere inside: `path` (a JSON Pointer without the leading
+    slash, "abc" or "0/start") says where, for invalidProperties (RFC 8620 §5.3)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+def property_path(name: str, exc: ValueError) -> str:
+    """The invalidProperties entry for an error in property `name`: a path into it when
+    the error knows where (RFC 8620 §5.3: "properties … that failed validation")."""
+    path = getattr(exc, "path", "")
+    return f"{name}/{path}" if path else name
+
+
+def prop_id_set(ctx: Call, prop: Prop, value) -> dict:
+    """An Id[Boolean] of existing objects of prop.ref, every value true (mailboxIds,
+    calendarIds, addressBookIds); creation ids are resolved."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError("an object of ids, each true, at least one")
+    out = {}
+    for raw_id, flag in value.items():
+        real = resolve_creation_id(ctx, raw_id)
+        escaped = raw_id.replace("~", "~0").replace("/", "~1")
+        if flag is not True:
+            raise PropertyError(escaped, "each value is true")
+        if not is_valid_id(real) or TYPES[prop.ref].load(ctx, real) is None:
+            raise PropertyError(escaped, f"no {prop.ref} {raw_id!r}")
+        out[real] = True
+    return out
 
 
 def _columns(spec: TypeSpec, values: dict) -> dict:
@@ -4243,6 +4351,170 @@ def method_query_changes(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
     if args["calculateTotal"]:
         response["total"] = len(pks)
     return response
+
+
+# ---- document types (JSCalendar Events, JSContact Cards, …) ----
+
+
+class DocumentRow(JmapRow):
+    """The columns of a document type's table (db_object_table(…, document=True))."""
+
+    doc = peewee.TextField()
+
+
+class DocumentSpec(TypeSpec):
+    """A type whose objects are JSON documents, kept whole in a `doc` column.
+
+    Declared props are checked by kind (invalidProperties names the path inside a
+    value that is wrong); properties the declaration does not know are kept as sent
+    (`keep_unknown`); `index` columns are extracted from every version written (what
+    /query filters and sorts on); `search` columns fill the type's FTS5 table and give
+    it a `text` filter; an update is a PatchObject applied to the document, its paths
+    reaching inside (RFC 8620 §5.3). validate() sees, and may adjust, the document.
+    """
+
+    index: dict = {}  # column -> fn(document) -> value
+    search: dict = {}  # FTS column -> fn(document) -> text
+    computed: frozenset = frozenset()  # props compute() gives, never stored
+    keep_unknown: bool = True
+
+    def __init__(self):
+        if self.search and "text" not in self.filters:
+            self.filters = {**self.filters, "text": document_text_filter(self)}
+
+    def document(self, row) -> dict:
+        doc = row.__dict__.get("_doc")
+        if doc is None:
+            doc = row.__dict__["_doc"] = json.loads(row.doc)
+        return doc
+
+    def check_property(self, name: str) -> bool:
+        return self.keep_unknown and ":" in name  # vendor properties (example.com:foo)
+
+    def to_json(self, ctx, row, wanted) -> dict:
+        doc = self.document(row)
+        obj = {"id": self.id_of(row.pk)}
+        names = list(wanted)
+        if ctx.scratch.get("all_properties"):
+            names += [name for name in doc if name not in self.props]
+        for name in names:
+            if name == "id":
+                continue
+            if name in self.computed:
+                obj[name] = self.compute(ctx, row, name)
+            elif name in doc:
+                obj[name] = doc[name]
+            elif name in self.props:
+                default = self.props[name].default
+                obj[name] = None if default is NO_DEFAULT else default
+        return obj
+
+    def create_one(self, ctx, cid, raw_obj):
+        doc = self.checked_document(ctx, raw_obj)
+        self.validate(ctx, doc, None)
+        _check_size(self, doc)
+        row = self.model(account_pk=ctx.account.pk, doc=json_dumps(doc), **self.index_of(doc))
+        record_change(ctx.changes, self.name, row, "created")
+        self.on_create(ctx, row, doc)
+        self.search_write(row.pk, doc)
+        ctx.created_ids[cid] = self.id_of(row.pk)
+        answer = {"id": self.id_of(row.pk)}  # RFC 8620 §5.3: and what the client did not send
+        answer.update((n, v) for n, v in doc.items() if not json_equal(v, raw_obj.get(n, ...)))
+        answer.update((n, self.compute(ctx, row, n)) for n in self.computed)
+        return answer
+
+    def update_row(self, ctx, row, patch):
+        current = self.document(row)
+        patched = apply_patch(self, current, patch)
+        changed = {name for name in set(current) | set(patched)
+                   if not json_equal(current.get(name), patched.get(name))}
+        if not changed:
+            return None
+        doc = self.checked_document(ctx, patched, changed)
+        self.validate(ctx, doc, row)
+        _check_size(self, doc)
+        row.doc = json_dumps(doc)
+        row.__dict__["_doc"] = doc
+        for column, value in self.index_of(doc).items():
+            setattr(row, column, value)
+        record_change(ctx.changes, self.name, row, "updated")
+        self.on_update(ctx, row, {name: doc.get(name) for name in changed})
+        self.search_write(row.pk, doc)
+        extra = {n: v for n, v in doc.items() if not json_equal(v, patched.get(n, ...))}
+        return extra or None
+
+    def copy_one(self, ctx, src, cid, raw_obj):
+        original = copy_original(self, src, raw_obj)
+        obj = {n: v for n, v in self.document(original).items()
+               if n not in self.props or not self.props[n].server_set}
+        obj.update((n, v) for n, v in raw_obj.items() if n != "id")
+        created = set_create_one(self, ctx, cid, obj)
+        created["id"] = ctx.created_ids[cid]
+        return created
+
+    def forget(self, ctx, row) -> None:
+        if self.search:
+            db.execute_sql(f"DELETE FROM {self.model._meta.table_name}_fts WHERE rowid = ?",
+                           (row.pk,))
+
+    def checked_document(self, ctx, obj: dict, changed: set | None = None) -> dict:
+        """The document a create (changed None) or an update (the names it changes)
+        makes: every (changed) property checked by kind, defaults filled in on create,
+        unknown properties kept; invalidProperties with paths for what is wrong."""
+        bad, doc = [], {}
+        for name, value in obj.items():
+            prop = self.props.get(name)
+            if changed is not None and name not in changed:
+                doc[name] = value  # as stored
+            elif prop is None:
+                if not self.keep_unknown or name == "id":
+                    bad.append(name)
+                doc[name] = value
+            elif prop.server_set or (prop.immutable and changed is not None):
+                bad.append(name)
+            elif name not in self.computed:
+                try:
+                    doc[name] = prop_value(self, ctx, name, value)
+                except ValueError as exc:
+                    bad.append(property_path(name, exc))
+        for name, prop in self.props.items():
+            if name in doc or prop.server_set or name in self.computed or name in bad:
+                continue
+            if prop.default is NO_DEFAULT:
+                bad.append(name)  # required, and missing (or removed)
+            elif changed is None:
+                doc[name] = prop.default
+        if bad:
+            raise invalid_properties(bad)
+        return doc
+
+    def index_of(self, doc: dict) -> dict:
+        return {column: extract(doc) for column, extract in self.index.items()}
+
+    def search_write(self, pk: int, doc: dict) -> None:
+        """The object's entry in its type's FTS5 table (replaced on every write)."""
+        if not self.search:
+            return
+        table = f"{self.model._meta.table_name}_fts"
+        db.execute_sql(f"DELETE FROM {table} WHERE rowid = ?", (pk,))
+        columns = list(self.search)
+        db.execute_sql(f"INSERT INTO {table} (rowid, {', '.join(columns)}) VALUES "
+                       f"(?{', ?' * len(columns)})",
+                       [pk, *(_CONTROL_CHARS_RE.sub(" ", str(self.search[c](doc) or ""))
+                              for c in columns)])
+
+
+def document_text_filter(spec: DocumentSpec) -> Callable:
+    """The `text` filter of a document type: every word in one of its search columns
+    (RFC 8621 §4.4.1's query syntax, as for Email)."""
+    table = f"{spec.model._meta.table_name}_fts"
+
+    def make(ctx, value):
+        query = search_fts_query(a_str(value), None)
+        return spec.model.pk.in_(peewee.SQL(f"(SELECT rowid FROM {table} WHERE {table} "
+                                            "MATCH ?)", [query]))
+
+    return make
 
 
 # =============================================================================
@@ -6503,7 +6775,7 @@ EMAIL_FILTERS = {
     "hasKeyword": lambda ctx, v: _has_keyword(_keyword_value(v)),
     "notKeyword": lambda ctx, v: ~_has_keyword(_keyword_value(v)),
     "hasAttachment": lambda ctx, v: Email.has_attachment == a_bool(v),
-    "text": lambda ctx, v: search_filter(FTS_COLUMNS)(ctx, v),  # 7.8
+    "text": lambda ctx, v: search_filter(None)(ctx, v),  # 7.8: in any column
     "from": lambda ctx, v: search_filter(("from_",))(ctx, v),  # 7.8
     "to": lambda ctx, v: search_filter(("to_",))(ctx, v),  # 7.8
     "cc": lambda ctx, v: search_filter(("cc_",))(ctx, v),  # 7.8
@@ -7551,16 +7823,17 @@ def _closing_quote(text: str, at: int) -> int:
 _CLOSING_QUOTE_RE = {q: re.compile(rf"(?:[^{q}\\]|\\.)*{q}", re.S) for q in "'\""}
 
 
-def search_fts_query(text: str, columns: tuple) -> str:
-    """An FTS5 MATCH expression: every term (as a phrase) in one of the columns."""
+def search_fts_query(text: str, columns: tuple | None) -> str:
+    """An FTS5 MATCH expression: every term (as a phrase) in one of the columns (None:
+    any column of the table)."""
     terms = search_parse_query(text)
     if not terms:
         raise ValueError("nothing to search for")
-    scope = "{" + " ".join(columns) + "}: " if columns != FTS_COLUMNS else ""
+    scope = "{" + " ".join(columns) + "}: " if columns else ""
     return " AND ".join(scope + '"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def search_filter(column_names: tuple):
+def search_filter(column_names: tuple | None):
     """A filter condition over FTS columns (Email/query `text`, `from`, … `body`)."""
 
     def make(ctx, value):
