@@ -3530,6 +3530,11 @@ class TypeSpec:
     def create_defaults(self, changes: ChangeLog, account: Account) -> None:
         """Make the objects a new account starts with (its Inbox, its Identity, …)."""
 
+    def defaults_missing(self, account: Account) -> bool:
+        """Whether an existing account lacks the defaults (a type added by an upgrade:
+        every account, new and old, gets its default calendar); checked at start."""
+        return False
+
     def prepare_set(self, ctx: Call, args: dict) -> None:
         """The analyse phase of a /set, before its write transaction: parse, write blob
         files, resolve names; leave the results in ctx.scratch for the hooks."""
@@ -8480,28 +8485,44 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     """
     facts = [email_analyse(raw) for raw in raws]
     blob_store_many(data_dir, raws)  # durable before any row names them
-    plans = [vacation_plan(data_dir, account_pk, f, now) if incoming else None for f in facts]
+    plans = [delivery_plan(data_dir, account_pk, f, now) if incoming else None for f in facts]
     per_message = keywords if isinstance(keywords, list) else [keywords] * len(raws)
     received = received or [None] * len(raws)
     changes = ChangeLog(account_pk, now)
     with db.atomic("IMMEDIATE"):
-        rows = [deliver_stored(changes, f, mailbox_pks, flags, at, now, incoming, plan)
+        rows = [deliver_stored(changes, f, mailbox_pks, flags, at, now, plan)
                 for f, flags, at, plan in zip(facts, per_message, received, plans)]
         changes.flush()
     return rows
 
 
+@dataclass
+class DeliveryPlan:
+    """What the delivery-time rules decided for one message to one account, in the
+    analyse phase (outside any transaction). Today the vacation reply; Sieve, iMIP and
+    S/MIME status at delivery add theirs here, and deliver_stored() carries them out."""
+
+    vacation: Any = None  # a VacationPlan, or None
+
+
+def delivery_plan(data_dir: str, account_pk: int, facts: MessageFacts,
+                  now: float) -> DeliveryPlan:
+    """Run the rules new mail meets (RFC 8621 §8 vacation, …) for one recipient account:
+    the one place every way in (LMTP, deliver, later the upstream puller) passes."""
+    return DeliveryPlan(vacation=vacation_plan(data_dir, account_pk, facts, now))
+
+
 def deliver_stored(changes: ChangeLog, facts: MessageFacts, mailbox_pks: list, keywords: dict,
-                   received_at, now: float, incoming: bool, plan=None) -> Email:
+                   received_at, now: float, plan: DeliveryPlan | None = None) -> Email:
     """One analysed message whose blob is durable becomes an Email in the caller's
-    transaction; new mail from an MTA (`incoming`) may also queue the vacation reply
-    planned for it or be a report on mail we sent."""
+    transaction, and what its delivery plan decided is carried out (new mail only:
+    `plan` None is imported mail, which meets no delivery rules, RFC 9661 §1)."""
     row = email_store(changes, changes.account_pk, facts, mailbox_pks, keywords,
                       received_at, now)
-    if incoming:
-        if plan is not None:
-            vacation_queue(changes.account_pk, plan, now)
-        if facts.report is not None:
+    if plan is not None:
+        if plan.vacation is not None:
+            vacation_queue(changes.account_pk, plan.vacation, now)
+        if facts.report is not None:  # a report on mail we sent (RFC 8621 §7)
             submission_apply_report(changes, changes.account_pk, facts.report, facts.sha)
     return row
 
@@ -8514,7 +8535,7 @@ class Delivery:
     raw: bytes
     facts: MessageFacts
     mailbox_pk: int
-    vacation: Any = None  # a VacationPlan, or None
+    plan: DeliveryPlan
 
 
 # ---- group commit: concurrent deliveries share one commit ----
@@ -8586,8 +8607,7 @@ class GroupCommit:
         mark = log_.mark()
         try:
             with db.atomic():
-                deliver_stored(log_, item.facts, [item.mailbox_pk], {}, None, now,
-                               incoming=True, plan=item.vacation)
+                deliver_stored(log_, item.facts, [item.mailbox_pk], {}, None, now, item.plan)
         except peewee.OperationalError:
             raise  # busy or broken database: nothing of the group commits
         except Exception as exc:  # noqa: BLE001 -- this message fails alone
@@ -9069,7 +9089,7 @@ class LmtpSession:
         for address, account, detail in self.recipients:
             try:
                 deliver_check_space(self.app.cfg.data_dir, len(raw))
-                plan = vacation_plan(self.app.cfg.data_dir, account.pk, facts, now)
+                plan = delivery_plan(self.app.cfg.data_dir, account.pk, facts, now)
                 items.append(Delivery(account.pk, raw, facts,
                                       deliver_mailbox(account.pk, detail), plan))
                 where.append(len(replies))
@@ -10842,6 +10862,21 @@ def account_create(auth: Authenticator, username: str, password: str, now: float
     return account
 
 
+def account_ensure_defaults(now: float) -> None:
+    """Give existing accounts the default objects of types added since they were made."""
+    specs = [spec for spec in TYPES.values()
+             if type(spec).defaults_missing is not TypeSpec.defaults_missing]
+    if not specs:
+        return
+    for account in Account.select():
+        for spec in (s for s in specs if s.defaults_missing(account)):
+            with db.atomic("IMMEDIATE"):
+                changes = ChangeLog(account.pk, now)
+                spec.create_defaults(changes, account)
+                changes.flush()
+            log.info("%s: default %s objects made", account.username, spec.name)
+
+
 def account_has_mail(account: Account) -> bool:
     total = (
         Mailbox.select(peewee.fn.SUM(Mailbox.total_emails))
@@ -11432,6 +11467,7 @@ def cmd_serve(cfg: Config) -> int:
     if cfg.listen[0] not in ("127.0.0.1", "::1", "localhost") and not cfg.public_url:
         log.warning("listening beyond loopback without --public-url; put TLS in front of jmapd")
     started += serve_first_user(app)  # the time spent at the prompt is not start-up
+    account_ensure_defaults(app.clock.now())
     serve_housekeeping(app)
     stopping = threading.Event()
     server, others, listeners = serve_listeners(app)

@@ -589,10 +589,78 @@ def bench_adversarial(args):
             print(f"adversarial_{shape}_ratio_10MB_1MB: n/a")
 
 
+def load_jmapd(path):
+    """Import a jmapd.py (this one, or another version to compare) under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jmapd_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_write_transactions(database, times: list) -> None:
+    """Record how long each BEGIN IMMEDIATE … COMMIT holds the write lock (peewee runs
+    BEGIN through database.begin(lock_type) and ends with commit() or rollback())."""
+    real_begin, real_commit, real_rollback = database.begin, database.commit, database.rollback
+    held = {}
+
+    def begin(lock_type=None):
+        real_begin(lock_type)
+        if lock_type == "IMMEDIATE":
+            held["since"] = time.perf_counter()
+
+    def end(real):
+        def finish():
+            real()
+            if held.get("since") is not None:
+                times.append((time.perf_counter() - held.pop("since")) * 1000)
+        return finish
+
+    database.begin, database.commit, database.rollback = begin, end(real_commit), end(
+        real_rollback)
+
+
+def bench_locktime(args):
+    """Milliseconds inside BEGIN IMMEDIATE per delivered message, as one LMTP connection
+    delivers (GroupCommit, one message at a time), for this jmapd.py or --jmapd PATH
+    (another version, e.g. `git show COMMIT:jmapd.py > /tmp/old.py`)."""
+    import random
+
+    jm = load_jmapd(args.jmapd or JMAPD)
+    rng = random.Random(11)
+    messages = [synthetic_message(n, rng) for n in range(args.lock_messages)]
+    with tempfile.TemporaryDirectory(prefix="jmapd-bench-") as tmp:
+        jm.db_open(tmp, create=True)
+        account = jm.account_create(jm.Authenticator(True, jm.Clock()), USER, PASSWORD,
+                                    time.time())
+        inbox = jm.Mailbox.get((jm.Mailbox.account_pk == account.pk)
+                               & (jm.Mailbox.role == "inbox")).pk
+        times = []
+        time_write_transactions(jm.db.obj, times)
+        commit = jm.GroupCommit(tmp, jm.Clock())
+        started = time.perf_counter()
+        for raw in messages:
+            if hasattr(jm, "Delivery"):  # analysed before the transaction (issue 18)
+                facts = jm.email_analyse(raw)
+                item = jm.Delivery(account.pk, raw, facts, inbox,
+                                   jm.delivery_plan(tmp, account.pk, facts, time.time()))
+            else:
+                item = (account.pk, raw, inbox)
+            assert commit.deliver([item]) == [None]
+        elapsed = time.perf_counter() - started
+        jm.db.close()
+    times.sort()
+    print(f"locktime_messages: {len(messages)} ({args.jmapd or 'this jmapd.py'})")
+    print(f"locktime_median: {statistics.median(times):.3f} ms inside BEGIN IMMEDIATE")
+    print(f"locktime_p99: {times[int(len(times) * 0.99)]:.3f} ms")
+    print(f"locktime_total_share: {sum(times) / 1000 / elapsed:.0%} of the delivery time")
+
+
 BENCHMARKS = {"startup": bench_startup, "echo": bench_echo, "mailbox_get": bench_mailbox_get,
               "upload": bench_upload, "store": bench_store, "mailbox": bench_mailbox,
               "lmtp": bench_lmtp, "import": bench_import, "push": bench_push,
-              "adversarial": bench_adversarial}
+              "adversarial": bench_adversarial, "locktime": bench_locktime}
 
 
 def main():
@@ -606,6 +674,9 @@ def main():
     parser.add_argument("--mailbox", type=int, default=100_000, help="messages in the mailbox")
     parser.add_argument("--lmtp-messages", type=int, default=2000, help="messages sent by LMTP")
     parser.add_argument("--push-changes", type=int, default=100, help="changes timed per channel")
+    parser.add_argument("--lock-messages", type=int, default=1000,
+                        help="messages delivered for locktime")
+    parser.add_argument("--jmapd", metavar="PATH", help="locktime: measure this jmapd.py")
     parser.add_argument("--adversarial-timeout", type=int, default=60,
                         help="seconds one adversarial parse may take before it is stopped")
     parser.add_argument("--reuse", metavar="DIR", help="build the mailbox in DIR once and "
