@@ -60,8 +60,11 @@ IMPLEMENTATION NOTES
    answers cannotCalculateChanges.
 3. Commit, then notify the change bus, then acknowledge. Never hold a write transaction
    across network I/O or an openssl call.
-4. One method call is one transaction (BEGIN IMMEDIATE when the method writes); each
-   record of a /set runs in a savepoint so a SetError undoes only its own record.
+4. Writes have two phases. Analyse first, outside any transaction: parse (once), write
+   and sync blob files, resolve names, decide delivery rules (a method's `prepare`, a
+   type's prepare_set, email_analyse + delivery_plan). Then commit: one short BEGIN
+   IMMEDIATE that writes rows; each record of a /set runs in a savepoint so a SetError
+   undoes only its own record, its change-log entries included.
 5. Migrations are ordered, named functions, each run in one transaction with its version
    record. Never edit one that has been applied.
 6. Times are stored as UTC (integer seconds since the epoch).
@@ -80,6 +83,7 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -607,7 +611,9 @@ class Clock:
 
 def utc_date(ts: float) -> str:
     """Format seconds since the epoch as an RFC 8620 §1.4 UTCDate (no fraction if zero)."""
-    return datetime.fromtimestamp(int(ts), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.fromtimestamp(int(ts), timezone.utc)
+    return f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:" \
+           f"{moment.minute:02d}:{moment.second:02d}Z"
 
 
 def parse_utc_date(value: str) -> float:
@@ -2592,18 +2598,22 @@ class Authenticator:
         if not cached or cached[3] < time.monotonic():
             return None
         account_pk, token_pk, stored_hash, _ = cached
-        if token_pk is not None:
-            token = AppPassword.get_or_none(AppPassword.pk == token_pk)
-            if token is None or token.secret_hash != stored_hash:
-                return None
-            account = Account.get_or_none(Account.pk == account_pk)
-            if account is not None:
-                account.credential = f"token:{token_pk}"
-            return account
-        account = Account.get_or_none(Account.pk == account_pk)
-        if account is None or account.password_hash != stored_hash:
+        # plain SQL: every request that was authenticated lately passes here
+        found = db.execute_sql(
+            "SELECT username, password_hash, created_at, modseq FROM account WHERE pk = ?",
+            (account_pk,)).fetchone()
+        if found is None:
             return None
-        account.credential = "password"
+        if token_pk is not None:
+            token = db.execute_sql("SELECT secret_hash FROM app_password WHERE pk = ? AND "
+                                   "account_pk = ?", (token_pk, account_pk)).fetchone()
+            if token is None or token[0] != stored_hash:
+                return None
+        elif found[1] != stored_hash:
+            return None
+        account = Account(pk=account_pk, username=found[0], password_hash=found[1],
+                          created_at=found[2], modseq=found[3])
+        account.credential = "password" if token_pk is None else f"token:{token_pk}"
         return account
 
     def _verify_uncached(self, username, secret):
@@ -3116,7 +3126,9 @@ def _use_account(ctx: Call, method: Method, raw_account_id) -> None:
     if found is None:
         raise MethodError("accountNotFound", f"no account {raw_account_id!r}")
     account, read_only = found
-    if method.capability not in session_account_capabilities(ctx.app, read_only):
+    capability = CAPABILITIES.get(method.capability)
+    if capability is None or capability.account is None or \
+            method.capability not in ctx.app.capabilities:
         raise MethodError("accountNotSupportedByMethod")
     if method.writes and read_only:
         raise MethodError("accountReadOnly")
@@ -3589,9 +3601,7 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
         raise MethodError("requestTooLarge", "more ids than maxObjectsInGet")
     wanted_pks = {raw_id: spec.pk_of(ctx, raw_id) for raw_id in ids}
     pks = [pk for pk in wanted_pks.values() if pk is not None]
-    rows = ({row.pk: row for row in read_only_rows(
-        spec.live(ctx, keyed=True).where(spec.model.pk.in_(pks)))
-        if spec.may(ctx, row, "read")} if pks else {})
+    rows = {row.pk: row for row in _rows_by_key(spec, ctx, pks) if spec.may(ctx, row, "read")}
     spec.prefetch(ctx, list(rows.values()), wanted)
     found = [spec.to_json(ctx, rows[wanted_pks[i]], wanted) for i in ids if wanted_pks[i] in rows]
     not_found = [i for i in ids if wanted_pks[i] not in rows]
@@ -3599,9 +3609,36 @@ def method_get(spec: TypeSpec, ctx: Call, raw_args: dict) -> dict:
 
 
 def read_only_rows(query) -> list:
-    """Rows as plain attribute objects: for reading, a third of the cost of model
-    instances (a list view reads fifty of them per request)."""
-    return [SimpleNamespace(**values) for values in query.dicts()]
+    """Rows as light attribute objects holding the stored values as SQLite gives them
+    (integers for booleans): a list view reads fifty per request, and peewee's model
+    instances and per-column conversions cost several times the query itself."""
+    sql, params = query.sql()
+    return rows_of(db.execute_sql(sql, params))
+
+
+def rows_of(cursor) -> list:
+    """A cursor's rows as named tuples (each with a __dict__ for per-request caches)."""
+    make = _row_class(tuple(column[0] for column in cursor.description))._make
+    return [make(row) for row in cursor]
+
+
+@functools.lru_cache(maxsize=128)
+def _row_class(names: tuple):
+    return type("Row", (collections.namedtuple("RowTuple", names, rename=True),), {})
+
+
+def _rows_by_key(spec: TypeSpec, ctx: Call, pks: list) -> list:
+    """The account's live rows with these keys. For the plain case the SQL is written
+    here rather than built by peewee, which for fifty keys costs more than the query;
+    SQLite must look rows up by key (+ 0 keeps it off the account's indexes)."""
+    if not pks:
+        return []
+    if type(spec).live is not TypeSpec.live:  # a type that narrows what is visible
+        return read_only_rows(spec.live(ctx, keyed=True).where(spec.model.pk.in_(pks)))
+    return rows_of(db.execute_sql(
+        f"SELECT * FROM {spec.model._meta.table_name} WHERE pk IN "
+        f"({','.join('?' * len(pks))}) AND account_pk + 0 = ? AND destroyed = 0",
+        [*pks, ctx.account.pk]))
 
 
 def _wanted_properties(spec: TypeSpec, properties) -> list:
@@ -10268,6 +10305,7 @@ class App:
         self.inflight_lock = threading.Lock()
         self.inflight: dict[tuple, int] = {}
         self.request_ids = itertools.count(1)
+        self.session_states: dict = {}  # (user, accounts) -> session state
         self.push_streams = 0
         self.event_streams = EventStreams()
         self.ws_pending = Allowance(WS_MAX_PENDING_PER_ADDRESS, WS_MAX_PENDING)
@@ -10304,7 +10342,16 @@ class App:
         return found
 
     def session_state_for(self, user: Account) -> str:
-        return session_resource(self, user, "")["state"]
+        """The session's state (RFC 8620 §2), answered with every API response: it only
+        changes with the accounts the user has, so it is remembered per that."""
+        accounts = self.accessible_accounts(user)
+        key = (user.pk, user.username, tuple((a.pk, ro) for a, ro in accounts.values()))
+        state = self.session_states.get(key)
+        if state is None:
+            if len(self.session_states) > 10_000:
+                self.session_states.clear()
+            state = self.session_states[key] = session_resource(self, user, "")["state"]
+        return state
 
     def base_url(self, environ: dict) -> str:
         """The external base URL: --public-url, else what the client asked for."""
