@@ -547,8 +547,8 @@ class IdScheme:
     def __init__(self, secret: bytes, first_new: dict):
         self.secret, self.first_new = secret, first_new
         self.keys: dict[str, bytes] = {}
-        self.encode = functools.lru_cache(maxsize=65536)(self._encode)
-        self.decode = functools.lru_cache(maxsize=65536)(self._decode)
+        self.encode = functools.lru_cache(maxsize=4096)(self._encode)  # a few pages' worth
+        self.decode = functools.lru_cache(maxsize=4096)(self._decode)
 
     @classmethod
     def load(cls, database) -> "IdScheme":
@@ -1284,6 +1284,9 @@ def db_check_data_dir(data_dir: str, create: bool) -> None:
     missing (and this command may not make it), not reachable, or someone else's."""
     try:
         os.stat(data_dir)
+    except NotADirectoryError:
+        raise DataDirProblem(f"{data_dir!r} cannot be a data directory: part of its path is "
+                             "a file") from None
     except FileNotFoundError:
         if not create:
             raise DataDirMissing(f"data directory {data_dir!r} does not exist (create it "
@@ -1326,6 +1329,8 @@ def _permission_hint(data_dir: str) -> str:
         if parent == "/":
             break
     owner = _owner_name(data_dir if os.access(data_dir, os.F_OK) else parent)
+    if owner == "root":
+        return "run jmapd with sudo"
     return f"run jmapd as its owner, e.g. sudo -u {owner} jmapd.py … (or with sudo alone)"
 
 
@@ -5449,8 +5454,8 @@ _COMMENT_TOKEN_RE = re.compile(r'[^()"\\]+|.', re.S)
 _CONTROL_CHARS_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # Unicode Cc but TAB
 # Codecs Python knows that are no charset a message may name (RFC 2978): decoding with
 # them fails whatever the errors handler, or turns octets into something else entirely.
-_NOT_CHARSETS = frozenset({"undefined", "idna", "punycode", "unicode_escape",
-                           "raw_unicode_escape"})
+_NOT_CHARSETS = frozenset({"undefined", "idna", "punycode", "unicode-escape",
+                           "raw-unicode-escape"})  # as codecs.lookup() names them
 
 
 class MimeError(ValueError):
@@ -5686,10 +5691,17 @@ def mime_decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
     codec = mime_text_codec(charset)
     if codec is not None:
         try:
-            return data.decode(codec, "replace"), False
+            text = data.decode(codec, "replace")
         except (UnicodeError, LookupError, ValueError, TypeError):
             pass  # a codec that fails whatever the errors handler says
+        else:  # UTF-7 and UTF-16 can yield lone surrogates, which no UTF-8 can carry
+            if not text.isascii() and _SURROGATE_RE.search(text):
+                return _SURROGATE_RE.sub("\ufffd", text), True
+            return text, False
     return data.decode("utf-8", "replace"), True
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def _mime_type(part: MimePart, default_type: str) -> str:
@@ -8823,6 +8835,15 @@ def import_sources(path: str, opened=None):
     if opened is not None:
         yield from import_file(path, opened)
         return
+    try:
+        yield from _import_folder(path)
+    except PermissionError as exc:  # e.g. a 0700 Maildir, after root became the owner
+        raise CommandError(f"{exc.filename or path}: permission denied for {_user_name()}; "
+                           "make it readable to that user, or give an mbox on standard "
+                           "input: jmapd.py import … - < FILE") from None
+
+
+def _import_folder(path: str):
     if os.path.isdir(os.path.join(path, "cur")) or os.path.isdir(os.path.join(path, "new")):
         for sub in ("new", "cur"):
             folder = os.path.join(path, sub)
@@ -8832,15 +8853,26 @@ def import_sources(path: str, opened=None):
                 full = os.path.join(folder, name)
                 with open(full, "rb") as f:
                     yield f.read(), flags, os.stat(full).st_mtime
-    else:
-        try:
-            names = sorted(os.listdir(path))
-        except OSError as exc:
-            raise CommandError(f"{path}: {exc.strerror}") from None
-        for name in names:
-            if name.endswith(".eml"):
-                with open(os.path.join(path, name), "rb") as f:
-                    yield f.read(), {}, None
+        return
+    try:
+        names = sorted(os.listdir(path))
+    except PermissionError:
+        raise
+    except OSError as exc:
+        raise CommandError(f"{path}: {exc.strerror}") from None
+    for name in names:
+        if name.endswith(".eml"):
+            with open(os.path.join(path, name), "rb") as f:
+                yield f.read(), {}, None
+
+
+def _user_name() -> str:
+    import pwd  # lazy: only error messages need it
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def import_file(path: str, source):
@@ -11082,8 +11114,7 @@ def cmd_deliver(cfg: Config, stdin=None) -> int:
     stdin = stdin or sys.stdin.buffer
     try:
         raw = stdin.read(cfg.max_size_upload + 1)
-        if not os.path.isdir(cfg.data_dir):
-            raise DeliveryTemporaryError(f"no data directory {cfg.data_dir!r} (not mounted?)")
+        db_check_data_dir(cfg.data_dir, create=False)  # missing, unreachable: said plainly
         if len(raw) > cfg.max_size_upload:
             print("jmapd: message too big", file=sys.stderr)
             return 73  # EX_CANTCREAT: a permanent refusal the MTA reports
@@ -11364,9 +11395,12 @@ def _blob_files(data_dir: str):
 
 
 def _empty_target(path: str) -> str:
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise CommandError(f"{path!r} exists and is not an empty directory")
-    os.makedirs(path, mode=0o750, exist_ok=True)
+    try:
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise CommandError(f"{path!r} exists and is not an empty directory")
+        os.makedirs(path, mode=0o750, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot make {path!r}: {exc.strerror}") from None
     return path
 
 

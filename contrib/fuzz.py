@@ -682,6 +682,9 @@ def main() -> int:
         print(f"{what}: {n}   e.g. {tally.examples[what[9:]]!r:.300}")
     print(f"rss: start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB, peak "
           f"{max(samples + [rss_hwm]) / 1024:.1f} MiB (VmHWM {rss_hwm / 1024:.1f} MiB)")
+    if samples:  # does it level off? ten points spread over the run
+        points = [samples[min(len(samples) - 1, i * len(samples) // 10)] for i in range(10)]
+        print("rss_curve_mib: " + " ".join(f"{p / 1024:.0f}" for p in points + [samples[-1]]))
     print(f"elapsed: {time.monotonic() - started:.1f} s")
     if args.keep:
         print(f"kept: data {data_dir}, log {tmp / 'serve.log'}")

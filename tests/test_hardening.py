@@ -920,3 +920,34 @@ def test_issue_16_mailbox_sibling_name_clash_is_already_exists(user):
     resp = mailbox_set(user, update={ids["sub"]: {"parentId": None}})
     check("move to the top", (resp["notUpdated"] or {}).get(ids["sub"]), ids["work"])
     assert not problems, problems
+
+
+def test_issue_16_escape_codecs_are_no_charsets(tmp_path):
+    """A charset naming Python's unicode_escape (or raw_unicode_escape) codec: it turns
+    "\\ud9ea" into a lone surrogate, which SQLite's UTF-8 (and JSON) cannot carry; LMTP
+    answered 451 forever (found by contrib/fuzz.py). The body is read as UTF-8 instead."""
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "esc@example.com")
+    port = free_port()
+    srv = Server(data_dir, "--lmtp", f"127.0.0.1:{port}").start()
+    try:
+        for codec in ("unicode_escape", "raw_unicode_escape", "unicode-escape"):
+            message = (f"From: a@example.com\r\nTo: esc@example.com\r\nSubject: {codec}\r\n"
+                       f"Content-Type: text/plain; charset={codec}\r\n\r\n"
+                       "lone \\ud9ea surrogate escape\r\n").encode()
+            with smtplib.LMTP("127.0.0.1", port) as lmtp:
+                refused = lmtp.sendmail("a@example.com", ["esc@example.com"], message)
+            assert refused == {}, refused
+        client = Client(srv.url, "esc@example.com")
+        ids = client.ok("Email/query", {"accountId": client.account_id,
+                                        "filter": {"text": "surrogate"}})["ids"]
+        assert len(ids) == 3
+        got = client.ok("Email/get", {"accountId": client.account_id, "ids": ids,
+                                      "properties": ["bodyValues", "preview"],
+                                      "fetchAllBodyValues": True})
+        assert len(got["list"]) == 3 and got["notFound"] == []
+        for email in got["list"]:
+            assert "surrogate escape" in email["preview"], email
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log()
