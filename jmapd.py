@@ -592,11 +592,17 @@ class IdScheme:
             block = block * 32 + self.ALPHABET.index(ch)
         if block >> 64:
             return None
+        pk = self.unpermute(table, block)
+        if pk >> 63:  # beyond SQLite's integers: a key no row can have
+            return None
+        return pk if pk >= self.first_new.get(table, 1) else None
+
+    def unpermute(self, table: str, block: int) -> int:
+        """The 64-bit key a 64-bit id block stands for (the Feistel rounds backwards)."""
         key, left, right = self._key(table), block >> 32, block & 0xFFFFFFFF
         for index in reversed(range(4)):
             left, right = right ^ self._round(key, index, left), left
-        pk = (left << 32) | right
-        return pk if pk >= self.first_new.get(table, 1) else None
+        return (left << 32) | right
 
 
 class Clock:
@@ -3892,8 +3898,9 @@ def create_from_props(spec: TypeSpec, ctx: Call, cid: str, raw_obj: dict) -> dic
         except ValueError as exc:
             bad.append(property_path(name, exc))
     defaulted = []
+    named = {entry.split("/", 1)[0] for entry in bad}  # a path names its property
     for name, prop in spec.props.items():
-        if name in values or prop.server_set or name in bad:
+        if name in values or prop.server_set or name in named:
             continue
         if prop.default is NO_DEFAULT:
             bad.append(name)  # required and missing
@@ -4524,8 +4531,9 @@ class DocumentSpec(TypeSpec):
                     doc[name] = prop_value(self, ctx, name, value)
                 except ValueError as exc:
                     bad.append(property_path(name, exc))
+        named = {entry.split("/", 1)[0] for entry in bad}  # a path names its property
         for name, prop in self.props.items():
-            if name in doc or prop.server_set or name in self.computed or name in bad:
+            if name in doc or prop.server_set or name in self.computed or name in named:
                 continue
             if prop.default is NO_DEFAULT:
                 bad.append(name)  # required, and missing (or removed)
