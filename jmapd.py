@@ -90,6 +90,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import logging
@@ -1905,6 +1906,13 @@ def _migration_11_id_scheme(database) -> None:
                              f"FROM {table}")
 
 
+def _migration_12_blob_data(database) -> None:
+    # Small delivered messages are kept here, written by the commit that stores their
+    # Email: one sync makes both durable (blob files cost three syncs each).
+    database.execute_sql("CREATE TABLE blob_data (sha256 TEXT PRIMARY KEY REFERENCES "
+                         "blob(sha256) ON DELETE CASCADE, data BLOB NOT NULL)")
+
+
 MIGRATIONS = [
     (1, "initial", _migration_1_initial),
     (2, "blobs and app passwords", _migration_2_blobs_and_app_passwords),
@@ -1918,6 +1926,7 @@ MIGRATIONS = [
     (10, "search extraction version, login addresses",
      _migration_10_search_version_login_addresses),
     (11, "ids that do not count", _migration_11_id_scheme),
+    (12, "small blobs in the database", _migration_12_blob_data),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]  # of the types built in; see schema_version()
 
@@ -2001,6 +2010,7 @@ def db_migrate(database) -> None:
 # =============================================================================
 
 BLOB_ID_PREFIX = "B"
+INLINE_BLOB_MAX = 256 * 1024  # delivered messages this small live in the database
 BLOB_COPY_CHUNK = 256 * 1024
 UPLOAD_TTL_SECONDS = 24 * 3600  # RFC 8620 §6: an unreferenced upload lives at least 1 hour
 ORPHAN_GRACE_SECONDS = 3600
@@ -2167,8 +2177,30 @@ def blob_visible(account_pk: int, sha256: str, now: float, user_pk: int) -> Blob
     return Blob.get_or_none(Blob.sha256 == sha256)
 
 
+def blob_store_inline(sha256: str, data: bytes) -> None:
+    """Keep a small blob in the database, in the caller's transaction: its commit makes
+    it durable, with no file, file sync or directory sync of its own (a delivery costs
+    one sync). The blob row itself comes from blob_add_ref()."""
+    db.execute_sql("INSERT OR IGNORE INTO blob_data (sha256, data) VALUES (?, ?)",
+                   (sha256, data))
+
+
+def blob_files_needed(raws: list, facts: list) -> list:
+    """The octets of the messages that are not kept inline: those need blob files."""
+    return [raw for raw, fact in zip(raws, facts) if fact.inline is None]
+
+
 def blob_open(data_dir: str, sha256: str):
+    """The blob's octets as a binary file: from the database if kept inline, else its file."""
+    row = db.execute_sql("SELECT data FROM blob_data WHERE sha256 = ?", (sha256,)).fetchone()
+    if row is not None:
+        return io.BytesIO(row[0])
     return open(blob_path(data_dir, sha256), "rb")
+
+
+def blob_is_inline(sha256: str) -> bool:
+    return db.execute_sql("SELECT 1 FROM blob_data WHERE sha256 = ?",
+                          (sha256,)).fetchone() is not None
 
 
 def blob_purge(data_dir: str, now: float) -> tuple[int, int]:
@@ -2181,7 +2213,7 @@ def blob_purge(data_dir: str, now: float) -> tuple[int, int]:
                    & ~peewee.fn.EXISTS(BlobRef.select().where(BlobRef.sha256 == Blob.sha256)))
             .tuples()
         ]
-        Blob.delete().where(Blob.sha256.in_(orphans)).execute()
+        Blob.delete().where(Blob.sha256.in_(orphans)).execute()  # inline data: cascaded
     for sha in orphans:
         path = blob_path(data_dir, sha)
         try:
@@ -7106,8 +7138,10 @@ def _email_compose(ctx: Call, raw_obj: dict):
         raw = mime_write_message(ctx, raw_obj)
     except SetError as exc:
         return exc
-    sha, _ = blob_store_bytes(ctx.app.cfg.data_dir, raw)
-    return email_analyse(raw, sha)
+    facts = email_analyse(raw, inline=True)
+    if facts.inline is None:  # too big to keep in the database: a file, durable now
+        blob_store_bytes(ctx.app.cfg.data_dir, raw)
+    return facts
 
 
 def email_meta(ctx: Call, values: dict) -> tuple[list, dict, float | None]:
@@ -7211,14 +7245,17 @@ class MessageFacts:
     fts: list  # the search index values
     headers: list  # the top-level header fields (vacation, delivery reports)
     report: dict | None  # a delivery report's facts (submission_report_facts)
+    inline: bytes | None = None  # the octets, when the commit stores them (blob_store_inline)
 
 
 EMPTY_SUMMARY = {**dict.fromkeys(CONVENIENCE_HEADERS), "hasAttachment": False, "preview": ""}
 
 
-def email_analyse(raw: bytes, sha: str | None = None) -> MessageFacts:
+def email_analyse(raw: bytes, sha: str | None = None, inline: bool = False) -> MessageFacts:
     """Parse a message once into the facts its Email is stored from. A message always
-    yields facts: what cannot be read is left empty and the raw message is kept."""
+    yields facts: what cannot be read is left empty and the raw message is kept. With
+    `inline`, a message small enough (INLINE_BLOB_MAX) is kept in the database by the
+    commit that stores it, instead of as a file written before."""
     sha = sha or hashlib.sha256(raw).hexdigest()
     root = mime_email(raw)
     summary, report = dict(EMPTY_SUMMARY), None
@@ -7242,7 +7279,7 @@ def email_analyse(raw: bytes, sha: str | None = None) -> MessageFacts:
     except (ValueError, OverflowError):
         pass  # a Received date beyond what a timestamp holds: the arrival time instead
     return MessageFacts(sha, len(raw), summary, columns, received_at, ids, fts, root.headers,
-                        report)
+                        report, raw if inline and len(raw) <= INLINE_BLOB_MAX else None)
 
 
 def email_store(changes: ChangeLog, account_pk: int, facts: MessageFacts, mailbox_pks: list,
@@ -7267,6 +7304,8 @@ def email_store(changes: ChangeLog, account_pk: int, facts: MessageFacts, mailbo
                        [(account_pk, i, email_pk, own) for i, own in facts.msgids])
     search_index(email_pk, facts.fts)
     blob_add_ref(account_pk, facts.sha, facts.size, "email", now, owner_pk=email_pk)
+    if facts.inline is not None:
+        blob_store_inline(facts.sha, facts.inline)
     mailbox_apply_counts(changes, before, thread_counts(thread_pk))
     changes.next("EmailDelivery")  # RFC 8621 §1.5: changes only when new mail arrives
     return Email(pk=email_pk, account_pk=account_pk, blob_sha256=facts.sha, size=facts.size,
@@ -8540,8 +8579,8 @@ def deliver_message(data_dir: str, account_pk: int, raws: list[bytes], mailbox_p
     mail we sent; imported mail is neither. Everything slow happens before the write
     transaction: parsing, the blob files, the vacation reply's own blob.
     """
-    facts = [email_analyse(raw) for raw in raws]
-    blob_store_many(data_dir, raws)  # durable before any row names them
+    facts = [email_analyse(raw, inline=True) for raw in raws]
+    blob_store_many(data_dir, blob_files_needed(raws, facts))  # durable before any row
     plans = [delivery_plan(data_dir, account_pk, f, now) if incoming else None for f in facts]
     per_message = keywords if isinstance(keywords, list) else [keywords] * len(raws)
     received = received or [None] * len(raws)
@@ -8637,7 +8676,9 @@ class GroupCommit:
 
     def _commit(self, batch: list) -> None:
         try:
-            blob_store_many(self.data_dir, [slot["item"].raw for slot in batch])
+            items = [slot["item"] for slot in batch]
+            blob_store_many(self.data_dir, blob_files_needed([i.raw for i in items],
+                                                             [i.facts for i in items]))
         except OSError as exc:
             for slot in batch:
                 slot["error"] = exc
@@ -9161,7 +9202,7 @@ class LmtpSession:
     def deliver_all(self, raw: bytes) -> list[str]:
         """Deliver to every recipient in one group commit; a reply for each."""
         replies, items, where = [], [], []
-        facts = email_analyse(raw)  # once for every recipient, before any transaction
+        facts = email_analyse(raw, inline=True)  # once for all recipients, outside any lock
         now = self.app.clock.now()
         for address, account, detail in self.recipients:
             try:
@@ -11215,7 +11256,8 @@ def cmd_backup(cfg: Config) -> int:
     target = sqlite3.connect(db_path(dest))
     try:
         source.backup(target)  # a consistent snapshot; writers go on meanwhile (WAL)
-        hashes = [row[0] for row in target.execute("SELECT sha256 FROM blob")]
+        hashes = [row[0] for row in target.execute(  # blob files; inline ones came along
+            "SELECT sha256 FROM blob WHERE sha256 NOT IN (SELECT sha256 FROM blob_data)")]
     finally:
         source.close()
         target.close()
@@ -11228,7 +11270,8 @@ def cmd_backup(cfg: Config) -> int:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(src, dst)
     _fsync_tree(dest)
-    print(f"backup of {cfg.data_dir} in {dest}: database and {len(hashes) - missing} blobs")
+    print(f"backup of {cfg.data_dir} in {dest}: database and {len(hashes) - missing} blob "
+          "files")
     if missing:
         raise CommandError(f"{missing} blobs were missing from the data directory")
     cli_write_record(os.path.join(cfg.data_dir, BACKUP_RECORD),
@@ -11288,7 +11331,8 @@ def _status_disk(cfg: Config) -> tuple[str, str | None]:
 
 def _status_database(cfg: Config) -> tuple[str, str | None]:
     version = db.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()[0]
-    blobs = [sha for (sha,) in db.execute_sql("SELECT sha256 FROM blob")]
+    blobs = [sha for (sha,) in db.execute_sql(
+        "SELECT sha256 FROM blob WHERE sha256 NOT IN (SELECT sha256 FROM blob_data)")]
     missing = sum(not os.path.exists(blob_path(cfg.data_dir, sha)) for sha in blobs)
     text = f"schema {version}, {len(blobs)} blobs, {missing} missing"
     if version != schema_version():

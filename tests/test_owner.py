@@ -422,6 +422,10 @@ def test_issue_17_root_commands_on_the_owners_data_dir_become_the_owner(owner, s
     done = jmapd("deliver", "--user", user, "--data-dir", data_dir,
                  input=message("delivered by root").decode())
     assert done.returncode == 0, done.stderr
+    # A message too big to be kept in the database gets a blob file (and folders).
+    big = message("big, delivered by root", "y" * 400_000 + "\r\n")
+    done = jmapd("deliver", "--user", user, "--data-dir", data_dir, input=big.decode())
+    assert done.returncode == 0, done.stderr
     assert not_owned_by(data_dir, owner) == {}
     assert os.path.isdir(data_dir / "tmp") and os.path.isdir(data_dir / "blobs")
 
@@ -433,8 +437,8 @@ def test_issue_17_root_commands_on_the_owners_data_dir_become_the_owner(owner, s
         client = Client(srv.url, user)
         assert upload_status(client) == 201
         assert lmtp_deliver(lmtp_port_of(srv.log()), user, message("over LMTP")) == (250, 250)
-        assert subjects_of(client) == ["delivered by root", "from the old mbox", "over LMTP",
-                                       "second old one"]
+        assert subjects_of(client) == ["big, delivered by root", "delivered by root",
+                                       "from the old mbox", "over LMTP", "second old one"]
         account = client.account_id
         ids = client.ok("Email/query", {"accountId": account,
                                         "filter": {"subject": "from the old mbox"}})["ids"]
@@ -1376,8 +1380,8 @@ def test_issue_17_status_old_backup_needs_attention(tmp_path):
 def test_issue_17_status_missing_blob_needs_attention(tmp_path):
     data_dir = tmp_path / "data"
     add_user(data_dir, "a@example.com")
-    done = jmapd("deliver", "--user", "a@example.com", "--data-dir", data_dir,
-                 input=message("soon without its file").decode())
+    done = jmapd("deliver", "--user", "a@example.com", "--data-dir", data_dir,  # too big to
+                 input=message("soon without its file", "x" * 400_000 + "\r\n").decode())
     assert done.returncode == 0, done.stderr
     assert jmapd("backup", tmp_path / "backup", "--data-dir", data_dir).returncode == 0
     assert status(data_dir)[0] == 0
