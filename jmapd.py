@@ -5488,7 +5488,9 @@ ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _LINE_END_RE = re.compile(rb"\r?\n")
 _BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
 _HEADER_NAME_BAD_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
-_PARAM_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|[^";]+|;', re.S)
+# Possessive quantifiers (Python 3.11): a long quoted string is read once, without the
+# backtracking state a plain (a|b)* keeps per character (that made it superlinear).
+_PARAM_TOKEN_RE = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?|[^";]++|;', re.S)
 _PARAM_NAME_RE = re.compile(r"([^*\s]+)(?:\*([0-9]{1,4}))?(\*)?")
 _COMMENT_TOKEN_RE = re.compile(r'[^()"\\]+|.', re.S)
 _CONTROL_CHARS_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # Unicode Cc but TAB
@@ -5917,7 +5919,7 @@ def _encoded_word_octets(word) -> tuple[str, bytes] | None:
 # ---- addresses (RFC 5322 §3.4 with RFC 8621 §4.1.2.3) ----
 
 _ADDRESS_TOKEN_RE = re.compile(
-    r'"(?:[^"\\]|\\.)*"?'  # quoted-string (lenient: unterminated)
+    r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?'  # quoted-string (lenient: unterminated; possessive)
     r"|\[[^\]]*\]?"  # domain-literal
     r"|[<>,:;@.]"  # specials that matter here
     r"|[^\s\"(<>,:;@.\[]+"  # atom
@@ -7921,7 +7923,8 @@ def _closing_quote(text: str, at: int) -> int:
     return found.end() - 1 if found else -1
 
 
-_CLOSING_QUOTE_RE = {q: re.compile(rf"(?:[^{q}\\]|\\.)*{q}", re.S) for q in "'\""}
+_CLOSING_QUOTE_RE = {q: re.compile(rf"[^{q}\\]*+(?:\\.[^{q}\\]*+)*+{q}", re.S)
+                     for q in "'\""}
 
 
 def search_fts_query(text: str, columns: tuple | None) -> str:
