@@ -6391,8 +6391,11 @@ CONVENIENCE_HEADERS = {
 
 def mime_summary(root: MimePart) -> dict:
     """The fast Email properties, computed once when a message is stored (RFC 8621 §4.2)."""
-    summary = {name: mime_header_property(root.headers, prop)
-               for name, prop in CONVENIENCE_HEADERS.items()}
+    last = {}  # the last field of each name, looked up once for all the properties below
+    for name, value in root.headers:
+        last[name.lower()] = value
+    summary = {name: mime_header_value(last.get(field), form)
+               for name, (field, form) in CONVENIENCE_FIELDS.items()}
     text_body, html_body, attachments = mime_body_lists(root)
     summary["hasAttachment"] = any(
         _strip_params(p.header("content-disposition") or "").lower() != "inline"
@@ -6400,6 +6403,11 @@ def mime_summary(root: MimePart) -> dict:
     )
     summary["preview"] = mime_preview(text_body or html_body)
     return summary
+
+
+CONVENIENCE_FIELDS = {name: (HEADER_PROP_RE.match(prop).group(1).lower(),
+                             HEADER_PROP_RE.match(prop).group(2))
+                      for name, prop in CONVENIENCE_HEADERS.items()}
 
 
 def mime_email(raw: bytes) -> MimePart:
@@ -8691,7 +8699,7 @@ class GroupCommit:
         try:
             with db.atomic("IMMEDIATE"):
                 for slot in batch:
-                    self._store(slot, changes, now)
+                    self._store(slot, changes, now, alone=len(batch) == 1)
                 for log_ in changes.values():
                     log_.flush()
         except Exception as exc:  # noqa: BLE001 -- nothing is acknowledged unless committed
@@ -8701,17 +8709,20 @@ class GroupCommit:
                 slot["error"] = slot["error"] or exc
 
     @staticmethod
-    def _store(slot: dict, changes: dict, now: float) -> None:
-        """One delivery in its own savepoint of the group's transaction."""
+    def _store(slot: dict, changes: dict, now: float, alone: bool = False) -> None:
+        """One delivery in its own savepoint of the group's transaction (`alone`: the
+        group holds only it, so the transaction is its savepoint)."""
         item = slot["item"]
         log_ = changes.setdefault(item.account_pk, ChangeLog(item.account_pk, now))
         mark = log_.mark()
         try:
-            with db.atomic():
+            with contextlib.nullcontext() if alone else db.atomic():
                 deliver_stored(log_, item.facts, [item.mailbox_pk], {}, None, now, item.plan)
         except peewee.OperationalError:
             raise  # busy or broken database: nothing of the group commits
         except Exception as exc:  # noqa: BLE001 -- this message fails alone
+            if alone:
+                raise  # no savepoint: the whole transaction is rolled back instead
             log_.rollback(mark)  # its rows are gone: so are its change-log entries
             log.exception("delivery to account %d failed", item.account_pk)
             slot["error"] = exc
@@ -8946,7 +8957,8 @@ def import_mbox(lines_in):
     def finish(lines, when):
         if lines and lines[-1].strip() == b"":
             lines = lines[:-1]  # the empty line before the next From_ is the separator's
-        body = b"".join(re.sub(rb"^>(>*From )", rb"\1", line) for line in lines)
+        body = b"".join(re.sub(rb"^>(>*From )", rb"\1", line) if line[:1] == b">" else line
+                        for line in lines)
         return body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), {}, when
 
     lines, when = None, None
@@ -8975,11 +8987,12 @@ def deliver_recipient(address: str) -> tuple[Account, str | None] | None:
         return None
     base, _, detail = local.partition("+")
     for candidate in dict.fromkeys([f"{local}@{domain}", f"{base}@{domain}"]):
-        account = Account.get_or_none(Account.username == candidate)
-        if account is None:
-            alias = Alias.get_or_none(Alias.address == candidate)
-            account = Account.get_or_none(Account.pk == alias.account_pk) if alias else None
-        if account is not None:
+        found = db.execute_sql(  # plain SQL: every recipient of every delivery asks
+            "SELECT pk, username FROM account WHERE username = ? UNION ALL "
+            "SELECT a.pk, a.username FROM alias JOIN account a ON a.pk = alias.account_pk "
+            "WHERE alias.address = ? LIMIT 1", (candidate, candidate)).fetchone()
+        if found is not None:
+            account = Account(pk=found[0], username=found[1])
             return account, (detail or None) if candidate != f"{local}@{domain}" else None
     return None
 
@@ -9180,23 +9193,38 @@ class LmtpSession:
         """
         lines, size, limit, problem = [], 0, self.app.cfg.max_size_upload, None
         after_crlf = True  # the DATA command's own line end
+        readline = self.reader.readline
         while True:
-            line, too_long = self.read_line()
-            if line is None:
+            line = readline(LMTP_MAX_LINE + 1)  # the usual line: whole, in one C call
+            too_long = False
+            if not line.endswith(b"\n") and len(line) > LMTP_MAX_LINE:
+                line, too_long = self._rest_of_long_line(line)
+            if not line:
                 return None, None
-            if line == b".\r\n" and after_crlf:
-                break  # only CRLF.CRLF ends it (RFC 5321 §4.1.1.4): LF.CRLF does not
-            after_crlf = line.endswith(b"\r\n")
+            if line[:1] == b".":
+                if line == b".\r\n" and after_crlf:
+                    break  # only CRLF.CRLF ends it (RFC 5321 §4.1.1.4): LF.CRLF does not
+                if line not in (b".\r\n", b".\n"):
+                    line = line[1:]  # RFC 5321 §4.5.2: only a period with more on its line
+            after_crlf = line[-2:] == b"\r\n"
             if too_long:
                 problem = "500 5.5.2 a line of the message is too long"
-            if line.startswith(b".") and line not in (b".\r\n", b".\n"):
-                line = line[1:]  # RFC 5321 §4.5.2: only a period with more on its line
             size += len(line)
             if size <= limit:
                 lines.append(line)
             else:
                 problem = "552 5.3.4 message too big"
         return self.trace_headers() + b"".join(lines), problem
+
+    def _rest_of_long_line(self, line: bytes) -> tuple[bytes, bool]:
+        """A line longer than LMTP_MAX_LINE: read to its end, and cut (never split: a
+        piece of it that looks like "." must not end the message)."""
+        while True:
+            more = self.reader.readline(LMTP_MAX_LINE + 1)
+            if not more:
+                return b"", True
+            if more.endswith(b"\n"):
+                return line[:LMTP_MAX_LINE] + b"\r\n", True
 
     def trace_headers(self) -> bytes:
         return (f"Return-Path: <{self.sender}>\r\nReceived: from {self.peer} by {self.host} "

@@ -387,8 +387,8 @@ def bench_mailbox(args):
     print(f"server_rss_after: {proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
     bench_flag_changes(client, account, inbox, args.requests)
     print(f"server_rss_end: {proc_status(server.proc.pid, 'VmRSS') / 1024:.1f} MiB")
+    bench_sizes(data_dir, args.mailbox)  # check and backup run beside the live server
     server.stop()
-    bench_sizes(data_dir, args.mailbox)
 
 
 def bench_sizes(data_dir: str, count: int) -> None:
