@@ -181,6 +181,7 @@ def waitress_server(app, *, sockets: list, threads: int, max_body: int, guard=No
 
 
 def waitress_guard_server(server, guard) -> None:
+    # long: the shim's two subclasses live here, where waitress's modules are imported
     """Put a waitress server's connections under `guard`.
 
     waitress 2.1 and 3.x alike: handle_accept() calls server.channel_class(server, sock,
