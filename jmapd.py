@@ -5469,6 +5469,7 @@ def webpush_encrypt(plaintext: bytes, ua_public: bytes, auth_secret: bytes,
 
 MAX_MIME_DEPTH = 20
 MAX_MIME_PARTS = 500
+MAX_PARSED_ADDRESSES = 2000  # of one header field (the Raw form keeps the rest)
 PREVIEW_CHARS = 256  # RFC 8621 §4.1.4: at most 256 characters
 HEADER_FORMS = ("Raw", "Text", "Addresses", "GroupedAddresses", "MessageIds", "Date", "URLs")
 _ADDRESS_HEADERS = {"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from",
@@ -5486,8 +5487,6 @@ _FORM_HEADERS = {"Text": _TEXT_HEADERS, "Addresses": _ADDRESS_HEADERS,
                  "Date": _DATE_HEADERS, "URLs": _URL_HEADERS}
 HEADER_PROP_RE = re.compile(r"^header:([\x21-\x39\x3b-\x7e]+)(?::as([A-Za-z]+))?(:all)?\Z")
 ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
-_LINE_END_RE = re.compile(rb"\r?\n")
-_BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
 _HEADER_NAME_BAD_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
 # Possessive quantifiers (Python 3.11): a long quoted string is read once, without the
 # backtracking state a plain (a|b)* keeps per character (that made it superlinear).
@@ -5552,35 +5551,53 @@ def mime_split(raw: bytes) -> tuple[bytes, bytes]:
 
 
 def _mime_head_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
-    """Offsets of the end of raw[start:end]'s header block and of the start of its body."""
+    """Offsets of the end of raw[start:end]'s header block and of the start of its body:
+    the first empty line (CRLF or LF), found with find() (memchr), not a regex that tries
+    every position of a ten-megabyte header."""
     if raw.startswith(b"\r\n", start, end):
         return start, start + 2
     if raw.startswith(b"\n", start, end):
         return start, start + 1
-    match = _BLANK_LINE_RE.search(raw, start, end)
-    if not match:
-        return end, end
-    return match.start(), match.end()
+    found = []
+    lf_lf = raw.find(b"\n\n", start, end)
+    if lf_lf >= 0:
+        found.append((lf_lf - (raw[lf_lf - 1:lf_lf] == b"\r"), lf_lf + 2))
+    lf_crlf = raw.find(b"\n\r\n", start, end)
+    if lf_crlf >= 0:
+        found.append((lf_crlf - (raw[lf_crlf - 1:lf_crlf] == b"\r"), lf_crlf + 3))
+    return min(found) if found else (end, end)
 
 
 def mime_header_fields(block: bytes) -> list:
     """Cut a header block into (name, raw value) fields, keeping folding as it is.
 
-    lenient: a line that is neither a field nor a continuation is dropped; NUL octets
-    are dropped (RFC 8621 §4.1.2.1). Continuation lines are joined once, at the end, so
-    a field folded a million times costs what its length costs.
+    lenient: a line that is neither a field nor a continuation is dropped (its
+    continuation lines join the field before it, or go too when no field came before);
+    NUL octets are dropped (RFC 8621 §4.1.2.1). The block is cut at the line ends that start a field, so a field folded
+    a million times is one piece, not a million small objects.
     """
-    fields = []
-    for line in _LINE_END_RE.split(block.replace(b"\0", b"")):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-            continue
-        name, sep, value = line.partition(b":")
+    block = block.replace(b"\0", b"")
+    fields, start = [], 0
+    for match in itertools.chain(_FIELD_START_RE.finditer(block), (None,)):
+        stop = match.start() if match else len(block)
+        head, folded, rest = block[start:stop].partition(b"\n")
+        start = match.end() if match else len(block)
+        if head.endswith(b"\r"):
+            head = head[:-1]
+        if folded:  # the continuation lines: CRLF between them, one CR less at each end
+            rest = rest.replace(b"\r\n", b"\n")
+            rest = (rest[:-1] if rest.endswith(b"\r") else rest).replace(b"\n", b"\r\n")
+        name, sep, value = head.partition(b":")
         name = name.strip()
-        if not sep or not name or _HEADER_NAME_BAD_RE.search(name):
+        if head[:1] in (b" ", b"\t") or not sep or not name or _HEADER_NAME_BAD_RE.search(name):
+            if folded and fields and head[:1] not in (b" ", b"\t"):
+                fields[-1][1].append(rest)
             continue
-        fields.append((name, [value]))
+        fields.append((name, [value, rest] if folded else [value]))
     return [(n.decode("ascii", "replace"), _raw_text(b"\r\n".join(v))) for n, v in fields]
+
+
+_FIELD_START_RE = re.compile(rb"\n(?![ \t])")  # a line end after which a field begins
 
 
 def _raw_text(value: bytes) -> str:
@@ -5853,9 +5870,26 @@ def mime_header_value(raw: str | None, form: str):
 
 
 def _unfold(raw: str) -> str:
+    """The field without its folding: a line end before white space goes (RFC 5322 §2.2.3).
+    str.replace, not re.sub, which would hold a piece per fold of a field folded a
+    million times (the same result: a field's value never holds an empty line)."""
     if "\n" not in raw:  # the common case: one line, nothing to unfold
         return raw.rstrip("\r")
-    return re.sub(r"\r?\n(?=[ \t])", "", raw).rstrip("\r\n")
+    for fold, kept in (("\r\n ", " "), ("\r\n\t", "\t"), ("\n ", " "), ("\n\t", "\t")):
+        raw = raw.replace(fold, kept)
+    return raw.rstrip("\r\n")
+
+
+_ANY_SPACE = {c: " " for c in range(0x110000) if chr(c).isspace()}  # what \s matches
+
+
+def collapse_space(text: str) -> str:
+    """Runs of white space as one SP, the ends stripped (re.sub(r"\\s+", " ", text).strip()),
+    without re.sub's piece per run: a ten-megabyte "a a a …" would hold five million."""
+    text = text.translate(_ANY_SPACE)
+    while "  " in text:  # each pass halves the longest run
+        text = text.replace("  ", " ")
+    return text.strip()
 
 
 def mime_text(raw: str) -> str:
@@ -5929,13 +5963,13 @@ _ADDRESS_TOKEN_RE = re.compile(
 )
 
 
-def _address_tokens(text: str) -> list[tuple[str, str]]:
-    """Tokenise an address list: (kind, text) with kinds q, c, s, a, w."""
-    tokens, i = [], 0
+def _address_tokens(text: str):
+    """Tokenise an address list, lazily: (kind, text) with kinds q, c, s, a, w."""
+    i = 0
     while i < len(text):
         if text[i] == "(":
             j = _comment_end(text, i)
-            tokens.append(("c", text[i + 1: j - 1] if text[j - 1:j] == ")" else text[i + 1: j]))
+            yield "c", text[i + 1: j - 1] if text[j - 1:j] == ")" else text[i + 1: j]
             i = j
             continue
         match = _ADDRESS_TOKEN_RE.match(text, i)
@@ -5943,11 +5977,9 @@ def _address_tokens(text: str) -> list[tuple[str, str]]:
             i += 1
             continue
         token = match.group(0)
-        kind = ("q" if token[0] == '"' else "w" if token.isspace()
-                else "s" if token in "<>,:;@." else "a")
-        tokens.append((kind, token))
+        yield ("q" if token[0] == '"' else "w" if token.isspace()
+               else "s" if token in "<>,:;@." else "a"), token
         i = match.end()
-    return tokens
 
 
 _COMMENT_SCAN_RE = re.compile(r"[^()\\]+|\\.?|[()]", re.S)
@@ -5969,12 +6001,17 @@ def _comment_end(text: str, at: int) -> int:
 
 
 def mime_address_groups(raw: str) -> list[dict]:
-    """GroupedAddresses form (RFC 8621 §4.1.2.4), best effort on broken lists."""
+    """GroupedAddresses form (RFC 8621 §4.1.2.4), best effort on broken lists.
+
+    deviation: at most MAX_PARSED_ADDRESSES addresses of one field are parsed (a field
+    listing four hundred thousand would cost gigabytes); its Raw form keeps them all."""
     groups: list[dict] = []
     current: list = []
     group = loose = None  # the open named group; the group of mailboxes outside any group
-    angle = False
-    for kind, token in _address_tokens(_unfold(raw)) + [("s", ",")]:
+    angle, found = False, 0
+    for kind, token in itertools.chain(_address_tokens(_unfold(raw)), [("s", ",")]):
+        if found >= MAX_PARSED_ADDRESSES:
+            break
         if kind == "s" and token in "<>":
             angle = token == "<"
         if kind == "s" and not angle and token == ":" and group is None:
@@ -5984,6 +6021,7 @@ def mime_address_groups(raw: str) -> list[dict]:
             continue
         if kind == "s" and not angle and token in ",;":
             mailbox, current = _mailbox(current), []
+            found += mailbox is not None
             if mailbox and group is not None:
                 group["addresses"].append(mailbox)
             elif mailbox:
@@ -6337,9 +6375,9 @@ def mime_preview(text_body: list) -> str:
         if part.type == "text/html":
             text = mime_html_to_text(text)
         head = text[:PREVIEW_CHARS * 4]  # collapsing white space in all of it is wasted
-        collapsed = re.sub(r"\s+", " ", head).strip()
+        collapsed = collapse_space(head)
         text = collapsed if len(collapsed) > PREVIEW_CHARS or head == text else \
-            re.sub(r"\s+", " ", text).strip()
+            collapse_space(text)
         if text:
             return text[:PREVIEW_CHARS]
     return ""
@@ -6420,6 +6458,7 @@ def mime_email(raw: bytes) -> MimePart:
         return MimePart([], raw, 0, len(raw), "text/plain", "1")
 
 
+_SUBJECT_TRAILER_REV_RE = re.compile(r"(?:\)dwf\(| )*+", re.I)  # "(fwd)" and " ", reversed
 _SUBJECT_LEADER_RE = re.compile(r"(?:re|fwd?|aw|sv|wg) ?(?:\[[^\[\]]*\])? ?: ?", re.I)
 _SUBJECT_BLOB_RE = re.compile(r"\[[^\[\]]*\] ?")
 
@@ -6429,17 +6468,14 @@ def mime_base_subject(subject: str | None) -> str:
 
     The subject is never copied while it shrinks: two indexes close in on the base, so
     a subject of a thousand prefixes or trailers costs what its length costs."""
-    text = re.sub(r"\s+", " ", subject or "").strip()
-    start, end = 0, len(text)
+    text = collapse_space(subject or "")
+    backwards = text[::-1]  # trailers are matched from the end, on the reversed text
+    n = len(text)
+    start, end = 0, n
     while True:
         before = (start, end)
-        while True:  # (2) trailers: "(fwd)" and white space
-            if end > start and text[end - 1] == " ":
-                end -= 1
-            elif end - start >= 5 and text[end - 5:end].lower() == "(fwd)":
-                end -= 5
-            else:
-                break
+        trailer = _SUBJECT_TRAILER_REV_RE.match(backwards, n - end, n - start)
+        end -= trailer.end() - trailer.start()  # (2) trailers: "(fwd)" and white space
         if end - start >= 6 and text[start:start + 5].lower() == "[fwd:" and text[end - 1] == "]":
             start, end = start + 5, end - 1  # (6) a [fwd: …] wrapper, then again from (2)
             start += text.startswith(" ", start)
@@ -8061,7 +8097,7 @@ PART_CREATE_PROPS = {"partId", "blobId", "size", "name", "type", "charset", "dis
 PART_HEADER_OF = {"disposition": "content-disposition", "cid": "content-id",
                   "language": "content-language", "location": "content-location"}
 MIME_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\Z")
-ATEXT_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+ATEXT_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*+\Z")
 FOLD_AT = 78  # RFC 5322 §2.1.1: SHOULD be no more than 78 characters
 ENCODED_WORD_OCTETS = 30  # "=?UTF-8?B?" + base64 of 30 octets + "?=" is 52: with a field
 # name of up to 25 characters the first line still fits 78 (RFC 2047 §2: words <= 75)
@@ -10385,8 +10421,9 @@ class Allowance:
 HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?\Z|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?\Z")
 NO_STORE = "no-cache, no-store, must-revalidate"  # RFC 8620 §2
 PROBLEM_TYPE = "application/problem+json"  # RFC 7807 §3
+# possessive repeat: no backtracking state kept per parameter of a long list
 MEDIA_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-                           r"(\s*;\s*[A-Za-z0-9_.+-]+=(\"[^\"\\\r\n]*\"|[A-Za-z0-9_.+-]+))*\Z")
+                           r"(\s*;\s*[A-Za-z0-9_.+-]+=(\"[^\"\\\r\n]*\"|[A-Za-z0-9_.+-]+))*+\Z")
 FORWARDED_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
                      "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_SCHEME", "HTTP_X_FORWARDED_SSL",
                      "HTTP_FORWARDED", "HTTP_X_REAL_IP")

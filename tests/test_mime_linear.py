@@ -270,6 +270,29 @@ def test_issue_16_nested_multipart_memory():
     assert ratio <= 4, f"peak {peak} octets: {ratio:.1f} x the message's size"
 
 
+
+@pytest.mark.parametrize("fold", [b"\r\n (fwd)", b"\r\n\t(fwd)", b"\r\n a", b"\r\n\t a"])
+def test_issue_16_folded_subject_memory(fold):
+    """A Subject folded ~half a million times (a 4 MB field): its Text form and base subject
+    are computed in a few copies of the field, not a Python object per fold or per trailer
+    (re.sub's pieces and a plain (a|b)* repeat's state each cost ~40 x the field)."""
+    raw = (b"From: a@example.com\r\nTo: b@example.com\r\nSubject: x" + fold * (4_000_000 // len(fold))
+           + b"\r\nContent-Type: text/plain\r\n\r\nhello\r\n")
+    jmapd.mime_base_subject(jmapd.mime_summary(jmapd.mime_email(raw[:2000] + b"\r\n\r\n"))["subject"])
+    gc.collect()
+    tracemalloc.start()
+    try:
+        summary = jmapd.mime_summary(jmapd.mime_email(raw))
+        base = jmapd.mime_base_subject(summary["subject"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary["subject"].startswith("x" + fold[2:].decode())
+    assert base == ("x" if b"fwd" in fold else summary["subject"].replace("\t", " ").replace("  ", " "))
+    ratio = peak / len(raw)
+    assert ratio <= 8, f"peak {peak} octets: {ratio:.1f} x the message's size"
+
+
 # ---- through a server: SearchSnippet/get and LMTP delivery ----
 
 
