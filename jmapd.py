@@ -8028,11 +8028,14 @@ def search_snippet_text(root: MimePart) -> str:
 
 
 def _fts_values(root: MimePart, summary: dict) -> list:
-    def people(addresses):
-        return " ".join(f"{a['name'] or ''} {a['email']}" for a in addresses or [])
+    def people(key, field):
+        addresses = summary.get(key) or []
+        if len(addresses) >= MAX_PARSED_ADDRESSES:  # the parse stopped: index the whole field
+            return " ".join(mime_text(raw) for name, raw in root.headers if name.lower() == field)
+        return " ".join(f"{a['name'] or ''} {a['email']}" for a in addresses)
 
-    return [summary.get("subject") or "", people(summary.get("from")), people(summary.get("to")),
-            people(summary.get("cc")), people(summary.get("bcc")), search_body_text(root)]
+    return [summary.get("subject") or "", people("from", "from"), people("to", "to"),
+            people("cc", "cc"), people("bcc", "bcc"), search_body_text(root)]
 
 
 # The index is contentless: removing an Email needs exactly the values it was indexed

@@ -951,3 +951,33 @@ def test_issue_16_escape_codecs_are_no_charsets(tmp_path):
     finally:
         srv.stop()
     assert "Traceback" not in srv.log()
+
+
+def test_issue_16_huge_address_list_parsed_in_part(srv, user):
+    """A To field naming 30,000 recipients (~700 KB on one line): the Addresses form gives
+    the first 2000 (parsing all would cost hundreds of megabytes for a 10 MB field), the
+    Raw form keeps every one, and the message is stored and searchable like any other."""
+    count = 30_000
+    to = ", ".join(f"User {i} <user{i:06d}@example.com>" for i in range(count))
+    raw = (f"From: Mallory <mallory@example.net>\r\nTo: {to}\r\nSubject: huge list\r\n"
+           "Message-ID: <huge-list@example.net>\r\n\r\nhello everybody\r\n").encode()
+    resp = import_raw(user, raw)
+    assert resp[0] == "Email/import" and resp[1]["notCreated"] is None, resp
+    email_id = resp[1]["created"]["i"]["id"]
+    got = user.ok("Email/get", {"accountId": user.account_id, "ids": [email_id],
+                                "properties": ["to", "header:To", "header:To:asGroupedAddresses",
+                                               "subject"]})["list"][0]
+    assert got["subject"] == "huge list"
+    assert len(got["to"]) == 2000
+    assert got["to"][0] == {"name": "User 0", "email": "user000000@example.com"}
+    assert got["to"][-1] == {"name": "User 1999", "email": "user001999@example.com"}
+    assert got["header:To"].count("@example.com") == count
+    assert got["header:To:asGroupedAddresses"] == [{"name": None, "addresses": got["to"]}]
+    for address in ("user001234@example.com", "user029999@example.com"):  # all searchable
+        found = user.ok("Email/query", {"accountId": user.account_id,
+                                        "filter": {"to": address}})["ids"]
+        assert email_id in found, address
+    gone = user.ok("Email/set", {"accountId": user.account_id, "destroy": [email_id]})
+    assert gone["destroyed"] == [email_id]
+    assert user.ok("Email/query", {"accountId": user.account_id,
+                                   "filter": {"to": "user029999@example.com"}})["ids"] == []
