@@ -11677,8 +11677,9 @@ def cmd_serve(cfg: Config) -> int:
     stopping = threading.Event()
     server, others, listeners = serve_listeners(app)
     outbox = serve_workers(app, stopping)
-    log.info("jmapd %s, data in %s (%d users)", __version__, os.path.abspath(cfg.data_dir),
-             Account.select().count())
+    users = Account.select().count()
+    log.info("jmapd %s, data in %s (%d user%s)", __version__, os.path.abspath(cfg.data_dir),
+             users, "" if users == 1 else "s")
     serve_record(cfg, listeners)
     # A signal handler only records the request: taking a lock in one (Event.set) would
     # deadlock when a second signal arrives while the first handler holds it. The
