@@ -5461,10 +5461,11 @@ def webpush_encrypt(plaintext: bytes, ua_public: bytes, auth_secret: bytes,
 
 # =============================================================================
 # 7.1 MIME -> EMAIL
-#     RFC 8621 §4.1. The MIME tree is cut at its boundaries here (mime_tree), so every
-#     part's raw octets and raw header values are exact; the email package (compat32)
-#     reads each part's header block for parameters (RFC 2045, RFC 2231). Header forms
-#     (§4.1.2) are our own parsers. Entry points: mime_email(), mime_header_value().
+#     RFC 8621 §4.1. The MIME tree is cut at its boundaries here (mime_tree), parts are
+#     offsets into the raw message, so every part's raw octets and raw header values are
+#     exact. Everything is our own and linear in its input (a stranger chooses it):
+#     parameters (RFC 2045, RFC 2231), header forms (§4.1.2), HTML to text, base subjects.
+#     Entry points: mime_email(), mime_header_value().
 # =============================================================================
 
 MAX_MIME_DEPTH = 20
